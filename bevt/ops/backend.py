@@ -1,0 +1,226 @@
+"""Backend choice for bevt's ops, in one place.
+
+Every hot op (``bevt.ops.window_attention``, ``bevt.ops.masked_ce``, ``bevt.ops.masking``) takes
+``backend=None | "ref" | "triton" | "cuda"``:
+
+* ``None`` uses the global default for that op, which is "auto" unless set (``BEVT_KERNELS``, the
+  ``kernels.*`` config fields, :func:`set_default_backend`). "auto" walks the op's priority list and
+  takes the first backend whose ``can_run_<backend>(..., raise_error=False)`` passes; if none does,
+  the error lists every backend and why it cannot run.
+* An explicit name (argument or default) must run: its predicate is called with ``raise_error=True``
+  and raises :class:`BackendUnavailable` naming each reason ("head dim must be 32 or 64, got 48").
+
+The environment variable ``BEVT_KERNELS`` is parsed here and only here. Forms:
+``auto`` | ``ref`` | ``triton`` (all ops that have it; others stay auto) |
+``window_attention=triton,masked_ce=ref,masking=cuda``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+OPS = ("window_attention", "masked_ce", "masking")
+BACKENDS = ("ref", "triton", "cuda")
+AUTO = "auto"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend of one op accepts: data, not prose (printed by ``bevt info`` and used by tests)."""
+
+    devices: tuple[str, ...]  # "cpu", "cuda"; "interpreter" = CPU tensors under TRITON_INTERPRET=1
+    dtypes: tuple[torch.dtype, ...]
+    min_compute_capability: tuple[int, int] | None = None
+    notes: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)  # op-specific limits, e.g. {"head_dims": (32, 64)}
+
+
+# ----------------------------------------------------------------------------- the global default
+def parse_kernel_setting(text: str | None) -> dict[str, str]:
+    """Parse a ``BEVT_KERNELS`` / ``--kernels`` string into {op: backend-or-"auto"} for every op."""
+    out = {op: AUTO for op in OPS}
+    if text is None or not text.strip():
+        return out
+    text = text.strip()
+    if "=" not in text:
+        _check_backend_name(text, "BEVT_KERNELS")
+        if text in ("ref", AUTO):
+            return {op: text for op in OPS}
+        for op in OPS:  # "triton": every op that has a triton backend; the rest stay auto
+            if text in _PRIORITY[op]:
+                out[op] = text
+        return out
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"BEVT_KERNELS: expected op=backend, got {part!r} in {text!r}")
+        op, be = (s.strip() for s in part.split("=", 1))
+        if op not in OPS:
+            raise ValueError(f"BEVT_KERNELS: unknown op {op!r}; ops are {', '.join(OPS)}")
+        _check_backend_name(be, f"BEVT_KERNELS ({op})")
+        if be != AUTO and be not in _PRIORITY[op]:
+            raise ValueError(f"BEVT_KERNELS: op {op} has no backend {be!r}; it has {', '.join(_PRIORITY[op])}")
+        out[op] = be
+    return out
+
+
+def _check_backend_name(name: str, where: str) -> None:
+    if name != AUTO and name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+
+
+# fastest first; "ref" always last and always able to run
+_PRIORITY: dict[str, tuple[str, ...]] = {
+    "window_attention": ("triton", "ref"),
+    "masked_ce": ("triton", "ref"),
+    "masking": ("cuda", "ref"),
+}
+
+_defaults: dict[str, str] = parse_kernel_setting(os.environ.get("BEVT_KERNELS"))
+
+
+def set_default_backend(backend: str | dict[str, str] | None, op: str | None = None) -> None:
+    """Set the default backend of one op (``op=...``) or of all ops; ``None``/"auto" restores auto.
+
+    A dict (as from ``kernels`` in the config) sets several ops at once.
+    """
+    if isinstance(backend, dict):
+        for k, v in backend.items():
+            set_default_backend(v, op=k)
+        return
+    backend = AUTO if backend is None else backend
+    if op is None:
+        _defaults.update(parse_kernel_setting(backend))
+        return
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    _check_backend_name(backend, f"default backend of {op}")
+    if backend != AUTO and backend not in _PRIORITY[op]:
+        raise ValueError(f"op {op} has no backend {backend!r}; it has {', '.join(_PRIORITY[op])}")
+    _defaults[op] = backend
+
+
+def get_default_backend(op: str) -> str:
+    return _defaults[op]
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | dict[str, str] | None, op: str | None = None) -> Iterator[None]:
+    """Temporarily set default backends (tests, benchmarks, convergence checks)."""
+    saved = dict(_defaults)
+    try:
+        set_default_backend(backend, op)
+        yield
+    finally:
+        _defaults.clear()
+        _defaults.update(saved)
+
+
+def priority(op: str) -> tuple[str, ...]:
+    return _PRIORITY[op]
+
+
+# ----------------------------------------------------------------------------- choosing
+Predicate = Callable[[bool], bool]  # predicate(raise_error) -> bool
+
+
+def choose(op: str, backend: str | None, predicates: dict[str, Predicate]) -> str:
+    """Return the backend to run ``op`` with; see the module docstring for the rules."""
+    requested = backend if backend is not None else _defaults[op]
+    if requested != AUTO:
+        if requested not in predicates:
+            raise BackendUnavailable(
+                f"{op}: unknown backend {requested!r}; this op has {', '.join(predicates)}")
+        predicates[requested](True)
+        return requested
+    reasons = {}
+    for name in _PRIORITY[op]:
+        try:
+            if predicates[name](True):
+                return name
+        except BackendUnavailable as e:
+            reasons[name] = str(e)
+    raise BackendUnavailable(f"{op}: no backend can run these inputs:\n" +
+                             "\n".join(f"  {k}: {v}" for k, v in reasons.items()))
+
+
+def verdict(op: str, backend: str, reasons: Sequence[str], raise_error: bool) -> bool:
+    """Turn a list of reasons into the predicate's answer (raising them when asked to)."""
+    reasons = [r for r in reasons if r]
+    if reasons and raise_error:
+        raise BackendUnavailable(f"{op}: backend '{backend}' cannot run: " + "; ".join(reasons))
+    return not reasons
+
+
+# ----------------------------------------------------------------------------- environment facts
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """Can Triton kernels run here at all? (ok, reason-if-not)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'triton>=3.2')"
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as e:  # a broken install says so instead of failing later
+        return False, f"triton failed to import: {e!r}"
+    if triton_interpreting():
+        return True, "TRITON_INTERPRET=1: kernels run in Triton's CPU interpreter (slow; for tests)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton kernels in the CPU interpreter)"
+    return True, ""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
+    """Reasons why Triton cannot run on these tensors' device (empty list: it can)."""
+    ok, why = triton_status()
+    if not ok:
+        return [why]
+    reasons = []
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and triton_interpreting():
+            continue
+        reasons.append(f"tensors must be on a CUDA device (got {t.device}; CPU tensors only under TRITON_INTERPRET=1)")
+        break
+    return reasons
+
+
+EXTENSION_BUILD_COMMAND = "BEVT_BUILD_EXT=1 pip install --no-build-isolation -e ."
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension_status() -> tuple[bool, str]:
+    """Is the compiled CUDA extension ``bevt._C`` importable? (ok, reason-if-not)."""
+    try:
+        importlib.import_module("bevt._C")
+    except ImportError as e:
+        if os.environ.get("BEVT_JIT_EXTENSION", "0") == "1":
+            try:
+                from bevt import _jit_extension
+
+                _jit_extension.load()
+                return True, "built just in time (BEVT_JIT_EXTENSION=1)"
+            except Exception as je:  # noqa: BLE001 - the reason is reported, not swallowed
+                return False, f"JIT build failed: {je}"
+        return False, (f"the CUDA extension bevt._C is not built ({e.msg}); on a machine with a CUDA torch "
+                       f"and nvcc run: {EXTENSION_BUILD_COMMAND}")
+    if not torch.cuda.is_available():
+        return False, "bevt._C is built but no CUDA GPU is visible"
+    return True, ""

@@ -1,0 +1,127 @@
+"""Masked-token cross-entropy over the tokenizer's codebook, fused with the LM head.
+
+BEVT predicts the tokenizer id of every *masked* token with a shared Linear(D -> V) head (V = 8192 for
+DALL-E) and averages the cross-entropy over the masked tokens of a stream (no per-sample averaging, no
+label smoothing), logging the masked-token accuracy beside it.
+
+Shape legend: B batch, L tokens per sample, D hidden size, V codebook size, M masked tokens.
+
+Rules (all backends):
+* loss = sum of CE over masked tokens / max(M, 1); accuracy = correct argmax / max(M, 1).
+* An empty mask gives loss 0 and accuracy 0 (never NaN) and zero gradients.
+* The head runs in the hidden states' dtype (bf16/fp16 under AMP), the softmax and the loss in fp32.
+* Targets at masked positions must lie in [0, V); out-of-range targets raise on the reference path.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from bevt.ops import backend as _be
+
+OP = "masked_ce"
+
+
+def masked_ce_ref(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: gather the masked rows, then linear + ``F.cross_entropy``. Returns (loss, accuracy).
+
+    Boolean indexing makes this path wait for the GPU to count the masked tokens (a host sync).
+    """
+    h_MD = hidden[mask]
+    t_M = target[mask].long()
+    dtype = hidden.dtype
+    logits_MV = F.linear(h_MD, weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+    count = t_M.numel()
+    if count == 0:
+        zero = (h_MD.sum() * 0.0 + weight.sum() * 0.0).float()  # keeps the graph: zero gradients, no NaN
+        if bias is not None:
+            zero = zero + bias.sum() * 0.0
+        return zero, zero.detach()
+    loss = F.cross_entropy(logits_MV, t_M, reduction="sum") / count
+    acc = (logits_MV.detach().argmax(-1) == t_M).float().sum() / count
+    return loss, acc
+
+
+CAPABILITIES = {
+    "ref": _be.Capabilities(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+    "triton": _be.Capabilities(devices=("cuda", "interpreter"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                               min_compute_capability=(8, 0), extra={"max_hidden": 4096}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernel_importable() -> bool:
+    try:
+        from bevt.kernels import masked_ce as _k  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def can_run_ref(*_, raise_error: bool = False, **__) -> bool:
+    return True
+
+
+def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, *, raise_error: bool = False, **_) -> bool:
+    caps = CAPABILITIES["triton"]
+    reasons = _be.triton_device_reasons(hidden, weight)
+    if hidden.dtype not in caps.dtypes:
+        reasons.append(f"dtype must be one of {caps.dtypes}, got {hidden.dtype}")
+    if hidden.shape[-1] > caps.extra["max_hidden"]:
+        reasons.append(f"hidden size must be <= {caps.extra['max_hidden']}, got {hidden.shape[-1]}")
+    dev = hidden.device
+    if dev.type == "cuda" and caps.min_compute_capability is not None:
+        cc = torch.cuda.get_device_capability(dev)
+        if cc < caps.min_compute_capability:
+            reasons.append(f"needs compute capability >= {caps.min_compute_capability}, device has {cc}")
+    if not _triton_kernel_importable():
+        reasons.append("the Triton masked-CE kernel is not available in this build")
+    return _be.verdict(OP, "triton", reasons, raise_error)
+
+
+def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              target: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the LM head over masked tokens, and the masked-token accuracy.
+
+    Args:
+        hidden: (B, L, D) hidden states of every token (or (L, D)).
+        mask: (B, L) bool, True where a token was masked and must be predicted.
+        weight: (V, D) LM head weight; bias: (V,) or None.
+        target: (B, L) int tokenizer ids (only masked positions are read).
+        backend: None (default/auto), "ref" or "triton".
+    Returns:
+        (loss, accuracy): 0-dim fp32 tensors on hidden's device; only ``loss`` carries gradients.
+    """
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"masked_ce: hidden must be (B, L, D) or (L, D), got {tuple(hidden.shape)}")
+    if mask.shape != hidden.shape[:-1]:
+        raise ValueError(f"masked_ce: mask shape {tuple(mask.shape)} does not match hidden {tuple(hidden.shape[:-1])}")
+    if target.shape != mask.shape:
+        raise ValueError(f"masked_ce: target shape {tuple(target.shape)} does not match mask {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"masked_ce: mask must be bool, got {mask.dtype}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise ValueError(f"masked_ce: target must be an integer tensor, got {target.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"masked_ce: weight must be (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"masked_ce: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    name = _be.choose(OP, backend, {
+        "triton": lambda r: can_run_triton(hidden, weight, raise_error=r),
+        "ref": lambda r: True,
+    })
+    if name == "triton":
+        from bevt.kernels import masked_ce as kern
+
+        return kern.masked_ce(hidden, mask, weight, bias, target)
+    return masked_ce_ref(hidden, mask, weight, bias, target)
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    ok, why = _be.triton_status()
+    if ok and not _triton_kernel_importable():
+        ok, why = False, "the Triton masked-CE kernel is not available in this build"
+    return {"triton": (ok, why), "ref": (True, "")}
