@@ -1,0 +1,80 @@
+"""Benchmarks run on a CUDA GPU only; without one every benchmark is skipped with the reason.
+
+Each benchmark checks correctness against the reference before timing, then records its numbers with
+``record(...)``; at the end of the session they are written to
+``benchmarks/results/<gpu>_torch<version>_cuda<version>.json`` (RESULTS.md is written from those files).
+"""
+import json
+import os
+import re
+import time
+
+import pytest
+import torch
+
+_RESULTS: list[dict] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU (none visible); they time and check the GPU kernels")
+    for item in items:
+        item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _RESULTS or not torch.cuda.is_available():
+        return
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-")
+    name = f"{gpu}_torch{torch.__version__.split('+')[0]}_cuda{torch.version.cuda}.json"
+    out_dir = os.environ.get("BEVT_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": _RESULTS}, f, indent=1)
+    print(f"\nbenchmark results written to {path}")
+
+
+@pytest.fixture
+def record():
+    """record(op=..., provider=..., mode=..., shape=..., ms=..., **more): keep one row for the results file."""
+    def _record(**row):
+        _RESULTS.append(row)
+    return _record
+
+
+def cuda_time_ms(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median time of fn() in ms with CUDA events (after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_extra_mib(fn) -> float:
+    """Peak memory allocated by fn() above what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
