@@ -147,7 +147,8 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
         nW = mask.shape[0]
         attn = attn.view(BW // nW, nW, nh, N, N) + mask.to(attn.dtype)[None, :, None]
         attn = attn.view(BW, nh, N, N)
-    attn = attn.float().softmax(-1).to(v.dtype)
+    low = attn.dtype in (torch.float16, torch.bfloat16)
+    attn = attn.softmax(-1, dtype=torch.float32 if low else attn.dtype).to(v.dtype)
     return attn @ v
 
 
@@ -204,7 +205,7 @@ def _common_reasons(q: torch.Tensor, bias_table: torch.Tensor, window_size: Trip
                        f"needs {table_length(table_window_size)}")
     if any(w > t for w, t in zip(window_size, table_window_size)):
         reasons.append(f"window {window_size} is larger than the table's window {table_window_size}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"unsupported dtype {q.dtype}")
     return reasons
 

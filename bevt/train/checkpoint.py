@@ -1,0 +1,132 @@
+"""Checkpoints: ``<run>/checkpoints/step_<N>/{model.safetensors, trainer.pt, config.json}``.
+
+A checkpoint is written into a hidden ``.tmp-step_<N>`` folder and renamed when complete, so a crash
+never leaves a half-written checkpoint where ``--resume`` would find it; the oldest complete ones beyond
+``keep_last`` are removed only after the new one is in place. ``trainer.pt`` holds what exact resume
+needs: optimizer, grad scaler, step/epoch, the loaders' positions and every rank's RNG states.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "trainer.pt")):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def find_latest(run_dir: str) -> str | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def save_checkpoint(run_dir: str, step: int, *, model: torch.nn.Module, trainer_state: dict, config: dict,
+                    keep_last: int) -> str:
+    """Write a complete checkpoint for ``step`` (call on rank 0 only) and prune old ones."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):  # leftovers of an interrupted save
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = os.path.join(root, f".tmp-step_{step:08d}")
+    os.makedirs(tmp)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
+    save_file(sd, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "bevt", "step": str(step), "config": json.dumps(config)})
+    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if os.path.exists(final):  # re-saving the same step (e.g. end of run right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, path in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume: str, run_dir: str) -> str | None:
+    """``auto`` -> latest checkpoint of the run (or None), a run folder -> its latest, else the folder given."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_latest(run_dir)
+    if os.path.isdir(os.path.join(resume, "checkpoints")):
+        latest = find_latest(resume)
+        if latest is None:
+            raise FileNotFoundError(f"--resume {resume}: the run folder has no complete checkpoint")
+        return latest
+    if not os.path.isfile(os.path.join(resume, "trainer.pt")):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no trainer.pt) nor a run folder")
+    return resume
+
+
+def load_trainer_state(ckpt_dir: str) -> dict:
+    return torch.load(os.path.join(ckpt_dir, "trainer.pt"), map_location="cpu", weights_only=True)
+
+
+def read_model_weights(path: str) -> dict:
+    """Tensors of a model checkpoint: a bevt checkpoint folder, ``.safetensors``, or a ``.pt/.pth`` dict
+    (official BEVT / Video Swin / Swin checkpoints included; loaded without executing code)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,239 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+A job supplies a ``compute(batches, ctx) -> (loss, metrics, counts)`` function and its loaders; the
+loop owns everything else: micro-batches and gradient accumulation, AMP, clipping, the optimizer and
+schedule, DDP, logging, checkpoints and exact resume.
+
+Host syncs: none per step except on log steps (``run.log_every``), where the accumulated device-side
+metrics are reduced and read once, and at checkpoints. Everything else stays queued on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from bevt.train import checkpoint as ckpt
+from bevt.train.distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier
+from bevt.train.logger import RunLogger
+from bevt.train.optim import CosineSchedule
+
+
+@dataclass
+class StepContext:
+    """Where the loop is when it calls the job's ``compute``."""
+
+    step: int  # optimizer step, 0-based
+    micro: int  # micro-batch within the step
+    accum_steps: int
+    epoch: int
+    device: torch.device
+    dist: DistInfo
+    seed: int
+
+    @property
+    def micro_step(self) -> int:
+        """Global micro-batch counter: the key of this micro-batch's random masks."""
+        return self.step * self.accum_steps + self.micro
+
+
+Compute = Callable[[dict, StepContext], "tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]"]
+
+
+@dataclass
+class LoopConfig:
+    total_steps: int
+    steps_per_epoch: int
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    amp: str = "off"  # bf16 | fp16 | off
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: end of each epoch
+    keep_last: int = 3
+    progress: bool = True
+    tensorboard: bool = True
+    seed: int = 0
+    bar_keys: tuple[str, ...] = ("loss",)
+    desc: str = "train"
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    metric_history: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, *, model: nn.Module, compute: Compute, loaders: dict, main_loader: str,
+                 optimizer: torch.optim.Optimizer, schedule: CosineSchedule, cfg: LoopConfig, device: torch.device,
+                 dist: DistInfo, run_dir: str, config_dict: dict, ema=None,
+                 on_epoch_end: Callable[[int, "Trainer"], dict | None] | None = None):
+        self.model, self.compute = model, compute
+        self.loaders, self.main = loaders, main_loader
+        self.optimizer, self.schedule = optimizer, schedule
+        self.cfg, self.device, self.dist = cfg, device, dist
+        self.run_dir, self.config_dict = run_dir, config_dict
+        self.ema, self.on_epoch_end = ema, on_epoch_end
+        self.state = LoopState()
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self._iters: dict[str, Iterator] = {}
+        self.last_checkpoint: str | None = None
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.state.step, "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "loaders": {k: v.state_dict() for k, v in self.loaders.items()},
+            "rng": all_gather_objects(ckpt.rng_state(), self.dist),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "world_size": self.dist.world_size,
+        }
+
+    def resume(self, ckpt_dir: str) -> None:
+        """Continue exactly where the checkpoint left off (model, optimizer, scaler, data, RNG)."""
+        from safetensors.torch import load_file
+
+        st = ckpt.load_trainer_state(ckpt_dir)
+        if st.get("world_size", 1) != self.dist.world_size:
+            raise RuntimeError(f"{ckpt_dir} was written by {st.get('world_size')} processes, this run has "
+                               f"{self.dist.world_size}: exact resume needs the same number")
+        ckpt.unwrap_model(self.model).load_state_dict(load_file(os.path.join(ckpt_dir, "model.safetensors")))
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        for k, v in self.loaders.items():
+            if k not in st["loaders"]:
+                raise RuntimeError(f"{ckpt_dir} has no state for the {k!r} loader")
+            v.load_state_dict(st["loaders"][k])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        ckpt.set_rng_state(st["rng"][self.dist.rank])
+        self.state.step, self.state.epoch, self.state.step_in_epoch = st["step"], st["epoch"], st["step_in_epoch"]
+
+    def save(self) -> str | None:
+        state = self.trainer_state()  # every rank takes part (RNG gather)
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.state.step, model=self.model, trainer_state=state,
+                                        config=self.config_dict, keep_last=self.cfg.keep_last)
+        barrier(self.dist)
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ data
+    def _next(self, name: str) -> dict:
+        loader = self.loaders[name]
+        if name not in self._iters:
+            self._iters[name] = iter(loader)
+        try:
+            return next(self._iters[name])
+        except StopIteration:
+            if name == self.main:
+                raise RuntimeError(f"the {name!r} loader ran out inside an epoch: it has {len(loader)} batches, the "
+                                   f"loop needs {self.cfg.steps_per_epoch * self.cfg.accum_steps}")
+            loader.set_epoch(loader.epoch + 1)  # secondary loaders cycle endlessly (official runner)
+            self._iters[name] = iter(loader)
+            return next(self._iters[name])
+
+    def _start_epoch(self, epoch: int) -> None:
+        loader = self.loaders[self.main]
+        if loader.epoch != epoch:
+            loader.set_epoch(epoch)
+        self._iters.pop(self.main, None)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg, st = self.cfg, self.state
+        log = RunLogger(self.run_dir, total_steps=cfg.total_steps, start_step=st.step, enabled=self.dist.is_main,
+                        progress=cfg.progress, tensorboard=cfg.tensorboard, desc=cfg.desc)
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        n_micro = 0
+        t_log = time.perf_counter()
+        t0 = t_log
+        first: dict[str, float] | None = None
+        last: dict[str, float] = {}
+        peak_mem = 0.0
+        self._start_epoch(st.epoch)
+        try:
+            while st.step < cfg.total_steps:
+                lr = self.schedule.apply(st.step)
+                for micro in range(cfg.accum_steps):
+                    batches = {name: self._next(name) for name in self.loaders}
+                    ctx = StepContext(st.step, micro, cfg.accum_steps, st.epoch, self.device, self.dist, cfg.seed)
+                    sync = (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or not self.dist.enabled
+                            else self.model.no_sync())
+                    with sync:
+                        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                            enabled=self.amp_dtype is not None):
+                            loss, metrics, n = self.compute(batches, ctx)
+                        self.scaler.scale(loss / cfg.accum_steps).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+                    for k, v in n.items():
+                        counts[k] = counts.get(k, 0) + v
+                    n_micro += 1
+                if cfg.clip_grad > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                    sums["grad_norm"] = sums.get("grad_norm", 0) + gnorm.detach().float() * cfg.accum_steps
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model, st.step)
+                st.step += 1
+                st.step_in_epoch += 1
+                log.advance()
+                end_of_epoch = st.step_in_epoch >= cfg.steps_per_epoch
+                if st.step % cfg.log_every == 0 or st.step == cfg.total_steps or end_of_epoch:
+                    # the loop's one host sync: reduce and read the accumulated device metrics
+                    keys = sorted(sums)
+                    vals = all_reduce_mean(torch.stack([sums[k] for k in keys]) / n_micro, self.dist).tolist()
+                    now = time.perf_counter()
+                    row = dict(zip(keys, vals))
+                    row.update(epoch=st.epoch, lr=lr)
+                    dt = now - t_log
+                    for k, v in counts.items():
+                        row[f"{k}_per_s"] = v * self.dist.world_size / max(dt, 1e-9)
+                    if self.device.type == "cuda":
+                        mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                        peak_mem = max(peak_mem, mem)
+                        row["mem_gb"] = mem
+                    log.log(st.step, row, cfg.bar_keys)
+                    first = first or row
+                    last = row
+                    sums, counts, n_micro, t_log = {}, {}, 0, now
+                if end_of_epoch:
+                    st.epoch += 1
+                    st.step_in_epoch = 0
+                    if self.on_epoch_end is not None:
+                        extra = self.on_epoch_end(st.epoch, self)
+                        if extra:
+                            log.log(st.step, extra, tuple(extra))
+                    if cfg.ckpt_every == 0 and st.step < cfg.total_steps:
+                        self.save()
+                    self._start_epoch(st.epoch)
+                if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < cfg.total_steps:
+                    self.save()
+            self.save()
+        finally:
+            log.close()
+        elapsed = time.perf_counter() - t0
+        return {"steps": st.step, "epochs": st.epoch, "elapsed_s": elapsed, "first": first or {}, "last": last,
+                "peak_mem_gb": peak_mem, "checkpoint": self.last_checkpoint}
+
+
+def steps_for(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> int:
+    total = max(1, int(math.ceil(epochs * steps_per_epoch)))
+    return min(total, max_steps) if max_steps else total
