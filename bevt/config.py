@@ -327,7 +327,7 @@ def _parse_literal(text: str, tp: Any) -> Any:
     except (ValueError, SyntaxError):
         if typing.get_origin(tp) is tuple:  # "256,320" without brackets
             return [ast.literal_eval(p) if p.strip() else p for p in text.split(",")]
-        raise ConfigError(f"cannot parse {text!r}")
+        raise ConfigError(f"cannot parse {text!r} as {getattr(tp, '__name__', tp)}")
 
 
 def apply_overrides(cfg, overrides: list[str]):

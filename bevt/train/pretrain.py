@@ -1,0 +1,371 @@
+"""``bevt pretrain``: parse -> build -> train.
+
+One BEVT step (per micro-batch): decode and augment (loaders) -> tokenize every frame and image with the
+frozen tokenizer -> tube / block masks made on the device -> video and image streams through the shared
+backbone -> masked-token CE -> backward. The loop (:mod:`bevt.train.loop`) does the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from bevt.config import ConfigError, PretrainConfig, apply_overrides, save_json, to_dict
+from bevt.data.transforms import normalize
+from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, tube_masks, block_masks
+from bevt.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from bevt.train.logger import format_summary
+from bevt.train.loop import LoopConfig, StepContext, Trainer, steps_for
+
+
+# ----------------------------------------------------------------------------- config and environment
+def build_config(recipe: str, overrides: list[str]) -> PretrainConfig:
+    from bevt.recipes import get_recipe
+
+    return apply_overrides(get_recipe(recipe), overrides)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("run.amp=fp16 needs a CUDA device (use bf16 or off on the CPU)")
+    return amp
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def data_path(root: str, name: str) -> str:
+    return name if os.path.isabs(name) or not root else os.path.join(root, name)
+
+
+def ensure_dataset(cfg: PretrainConfig, dist: DistInfo) -> None:
+    """Check the annotation lists exist (or generate the built-in synthetic dataset when asked)."""
+    d = cfg.data
+    needed = []
+    if cfg.model.mode in ("bevt", "bevt_v"):
+        needed.append(data_path(d.root, d.video_list))
+    if cfg.model.mode in ("bevt", "bevt_i"):
+        needed.append(data_path(d.root, d.image_list))
+    missing = [p for p in needed if not os.path.exists(p)]
+    if not missing:
+        return
+    if not d.synthesize_if_missing:
+        hint = "set data.root=DIR (and data.video_list / data.image_list)" if not d.root else \
+            f"check data.root={d.root!r}, or create the built-in dataset with: bevt data synth --out {d.root or 'DIR'}"
+        raise FileNotFoundError(f"dataset not found: {', '.join(missing)} does not exist; {hint}")
+    if dist.is_main:
+        from bevt.data import synth
+
+        if os.path.isdir(d.root) and os.listdir(d.root):
+            raise FileNotFoundError(f"{d.root} exists but has no {', '.join(os.path.basename(p) for p in missing)}; "
+                                    f"point data.root at an empty folder to generate the synthetic dataset there")
+        print(f"bevt: generating the built-in synthetic dataset in {d.root} ...", file=sys.stderr)
+        synth.generate(d.root, seed=cfg.run.seed)
+    barrier(dist)
+
+
+def tokenizer_path(cfg: PretrainConfig) -> str:
+    t = cfg.tokenizer
+    if t.path:
+        return t.path
+    if t.kind == "dalle":
+        raise ConfigError("tokenizer.kind=dalle needs tokenizer.path=/path/to/encoder.pkl (OpenAI's DALL-E dVAE "
+                          "encoder; download it from the DALL-E release yourself)")
+    return data_path(cfg.data.root, "vq_tokenizer.safetensors")
+
+
+def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo):
+    """Load the tokenizer, training bevt's VQ tokenizer on the dataset's frames first if asked to."""
+    from bevt.tokenizers import load_tokenizer
+
+    path = tokenizer_path(cfg)
+    if not os.path.exists(path) and cfg.tokenizer.kind == "vq" and cfg.tokenizer.train_if_missing:
+        if dist.is_main:
+            train_tokenizer_on_dataset(cfg, path, device)
+        barrier(dist)
+    tok = load_tokenizer(f"{cfg.tokenizer.kind}:{path}", device=device)
+    if tok.vocab_size != cfg.tokenizer.vocab_size:
+        raise ConfigError(f"the tokenizer at {path} has {tok.vocab_size} codes but tokenizer.vocab_size="
+                          f"{cfg.tokenizer.vocab_size}: set tokenizer.vocab_size={tok.vocab_size} (the LM head is "
+                          f"sized from it)")
+    return tok
+
+
+def tokenizer_frames(cfg: PretrainConfig, max_frames: int = 4096) -> torch.Tensor:
+    """uint8 (N, 3, s, s) tokenizer-size copies of augmented frames and images from the dataset."""
+    from bevt.data.loader import build_loader
+
+    d = cfg.data
+    sources = []
+    if cfg.model.mode in ("bevt", "bevt_v"):
+        sources.append(("video", d.video_list, "video_tok", dict(clip_len=d.clip_len, interval=d.frame_interval)))
+    if cfg.model.mode in ("bevt", "bevt_i"):
+        sources.append(("image", d.image_list, "images_tok", {}))
+    chunks = []
+    for kind, lst, key, extra in sources:
+        n = 0
+        loader = build_loader(kind, data_path(d.root, lst), batch_size=8, mode="pretrain", decoder="pyav",
+                              num_workers=d.num_workers, seed=cfg.run.seed + 1, drop_last=False, crop=d.crop_size,
+                              scale=tuple(d.scale_range), tok_size=d.tok_size, **extra)
+        try:
+            for batch in loader:
+                x = batch[key]
+                x = x.flatten(0, 1) if x.dim() == 5 else x  # clips: (B, T, 3, s, s) -> frames
+                chunks.append(x)
+                n += x.shape[0]
+                if n >= max_frames // len(sources):
+                    break
+        finally:
+            loader.close()
+    return torch.cat(chunks)[:max_frames]
+
+
+def train_tokenizer_on_dataset(cfg: PretrainConfig, path: str, device: torch.device) -> None:
+    from bevt.tokenizers.vq import train_vq_tokenizer
+
+    frames = tokenizer_frames(cfg)
+    print(f"bevt: training the VQ tokenizer ({cfg.tokenizer.vocab_size} codes) on {frames.shape[0]} frames "
+          f"for {cfg.tokenizer.train_steps} steps -> {path}", file=sys.stderr)
+    tok, _ = train_vq_tokenizer(frames, vocab_size=cfg.tokenizer.vocab_size, steps=cfg.tokenizer.train_steps,
+                                seed=cfg.run.seed, device=device, progress=cfg.run.progress)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tok.save(path)
+
+
+# ----------------------------------------------------------------------------- the step
+class PretrainStep:
+    """compute(batches, ctx) for the loop: tokens, masks and the BEVT forward of one micro-batch."""
+
+    def __init__(self, model, tokenizer, cfg: PretrainConfig, device: torch.device):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        d, m = cfg.data, cfg.mask
+        grid = (d.crop_size // 16, d.crop_size // 16)
+        n = grid[0] * grid[1]
+        self.block_spec = BlockMaskSpec(grid=grid, num_masking_patches=max(1, round(m.ratio * n)),
+                                        min_num_patches=max(1, round(m.min_block_fraction * n)),
+                                        min_aspect=m.min_aspect, exact=m.exact)
+        self.tube_spec = TubeSpec(slots=d.clip_len // 2, tube_range=tuple(m.tube_range), temporal_scale=2)
+        self.seed = cfg.run.seed
+
+    def _tokens(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        # the tokenizer chooses its own precision; keep the loop's autocast out of it
+        with torch.autocast(self.device.type, enabled=False):
+            return self.tokenizer.encode(x_uint8)
+
+    def _slice(self, masks: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        # masks are drawn for the global micro-batch, then strided like the loaders shard samples, so a
+        # sample gets the same mask whatever the number of processes
+        return masks[ctx.dist.rank::ctx.dist.world_size]
+
+    def __call__(self, batches: dict, ctx: StepContext):
+        dev, W = self.device, ctx.dist.world_size
+        kwargs, counts = {}, {}
+        if "video" in batches:
+            vb = batches["video"]
+            video = normalize(vb["video"].to(dev, non_blocking=True), channel_dim=1)  # B, 3, T, S, S
+            tok = vb["video_tok"].to(dev, non_blocking=True)  # B, T, 3, s, s
+            B, T = tok.shape[:2]
+            ids = self._tokens(tok.flatten(0, 1)).view(B, T, *self.block_spec.grid)
+            m_in, m_tgt = tube_masks(B * W, self.block_spec, self.tube_spec, seed=self.seed, step=ctx.micro_step,
+                                     device=dev)
+            kwargs.update(video=video, video_mask=self._slice(m_in, ctx), video_target_mask=self._slice(m_tgt, ctx),
+                          video_ids=ids)
+            counts["clips"] = B
+        if "images" in batches:
+            ib = batches["images"]
+            images = normalize(ib["images"].to(dev, non_blocking=True), channel_dim=1)
+            Bi = images.shape[0]
+            ids = self._tokens(ib["images_tok"].to(dev, non_blocking=True))
+            mask = block_masks(Bi * W, self.block_spec, seed=self.seed, step=ctx.micro_step, device=dev)
+            kwargs.update(images=images, image_mask=self._slice(mask, ctx), image_ids=ids)
+            counts["images"] = Bi
+        out = self.model(**kwargs)
+        metrics = {k: v for k, v in out.scalars().items()}
+        return out.loss, metrics, counts
+
+
+def describe_backends(device: torch.device) -> dict[str, str]:
+    """Which backend ``auto`` resolves to on this device for each op (for the run summary)."""
+    from bevt.ops import backend as be
+    from bevt.ops.masked_ce import can_run_triton as ce_ok
+    from bevt.ops.masking import can_run_cuda
+    from bevt.ops.window_attention import can_run_triton as attn_ok, table_length
+
+    q = torch.zeros(1, 1, 98, 32, device=device, dtype=torch.bfloat16)
+    table = torch.zeros(table_length((2, 7, 7)), 1, device=device)
+    h = torch.zeros(4, 32, device=device, dtype=torch.bfloat16)
+    preds = {
+        "window_attention": {"triton": lambda r: attn_ok(q, table, window_size=(2, 7, 7), raise_error=r),
+                             "ref": lambda r: True},
+        "masked_ce": {"triton": lambda r: ce_ok(h, h, raise_error=r), "ref": lambda r: True},
+        "masking": {"cuda": lambda r: can_run_cuda(device, BlockMaskSpec(), TubeSpec(), raise_error=r),
+                    "ref": lambda r: True},
+    }
+    out = {}
+    for op, p in preds.items():
+        try:
+            out[op] = be.choose(op, None, p)
+        except be.BackendUnavailable as e:
+            out[op] = f"unavailable ({e})"
+    return out
+
+
+# ----------------------------------------------------------------------------- build and run
+def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
+    """Run BEVT pretraining as configured; returns the summary dict (also printed on rank 0)."""
+    from bevt.data.loader import build_loader
+    from bevt.models.bevt import create_bevt
+    from bevt.models.inflate import load_pretrained
+    from bevt.train import checkpoint as ckpt
+    from bevt.train.optim import CosineSchedule, build_optimizer, param_groups
+
+    device = resolve_device(cfg.run.device)
+    dist = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp = resolve_amp(cfg.run.amp, device)
+    seed_everything(cfg.run.seed + dist.rank)
+    set_default_backend(dataclasses.asdict(cfg.kernels))
+    try:
+        ensure_dataset(cfg, dist)
+        tokenizer = ensure_tokenizer(cfg, device, dist)
+        d, o = cfg.data, cfg.optim
+        loaders = {}
+        common = dict(mode="pretrain", decoder=d.decoder, num_workers=d.num_workers, seed=cfg.run.seed,
+                      rank=dist.rank, world_size=dist.world_size, crop=d.crop_size, scale=tuple(d.scale_range),
+                      tok_size=d.tok_size)
+        if cfg.model.mode in ("bevt", "bevt_v"):
+            loaders["video"] = build_loader("video", data_path(d.root, d.video_list), batch_size=d.video_batch // o.accum_steps,
+                                            clip_len=d.clip_len, interval=d.frame_interval, **common)
+        if cfg.model.mode in ("bevt", "bevt_i"):
+            loaders["images"] = build_loader("image", data_path(d.root, d.image_list),
+                                             batch_size=d.image_batch // o.accum_steps, **common)
+        main = "video" if "video" in loaders else "images"
+        steps_per_epoch = len(loaders[main]) // o.accum_steps
+        if steps_per_epoch < 1:
+            raise ConfigError(f"the {main} dataset is too small: {len(loaders[main])} batches per epoch per process "
+                              f"for {o.accum_steps} accumulation steps; lower the batch size or add data")
+        schedule_steps = steps_for(o.epochs, steps_per_epoch)
+        total_steps = steps_for(o.epochs, steps_per_epoch, o.max_steps)
+
+        model = create_bevt(cfg.model.name, mode=cfg.model.mode, vocab_size=cfg.tokenizer.vocab_size,
+                            image_loss_weight=cfg.model.image_loss_weight, drop_path_rate=cfg.model.drop_path_rate,
+                            image_quirks=cfg.model.image_quirks, grad_checkpointing=cfg.model.grad_checkpointing)
+        notes = load_pretrained(model.backbone, cfg.model.init_from) if cfg.model.init_from else []
+        model.to(device)
+        groups = param_groups(model, weight_decay=o.weight_decay, no_decay_keys=tuple(o.no_decay_keys))
+        optimizer = build_optimizer(groups, lr=o.lr, betas=tuple(o.betas), device_type=device.type, apex=o.apex)
+        schedule = CosineSchedule(optimizer, base_lr=o.lr, total_steps=schedule_steps,
+                                  warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
+                                  warmup_ratio=o.warmup_ratio, min_lr=o.min_lr, steps_per_epoch=steps_per_epoch,
+                                  by_epoch=o.schedule_by_epoch)
+        train_model = model
+        if dist.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.run.compile:
+            train_model = torch.compile(train_model)
+
+        run_dir = cfg.run.out_dir
+        if dist.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            save_json(cfg, os.path.join(run_dir, "config.json"))
+        bar_keys = tuple(k for k in ("loss", "acc_video", "acc_image", "clips_per_s", "images_per_s", "mem_gb"))
+        loop_cfg = LoopConfig(total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_steps=o.accum_steps,
+                              clip_grad=o.clip_grad, amp=amp, log_every=cfg.run.log_every,
+                              ckpt_every=cfg.run.ckpt_every, keep_last=cfg.run.keep_last, progress=cfg.run.progress,
+                              tensorboard=cfg.run.tensorboard, seed=cfg.run.seed, bar_keys=bar_keys, desc="pretrain")
+        trainer = Trainer(model=train_model, compute=PretrainStep(train_model, tokenizer, cfg, device), loaders=loaders,
+                          main_loader=main, optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
+                          dist=dist, run_dir=run_dir, config_dict=to_dict(cfg))
+        resume_dir = ckpt.resolve_resume(resume, run_dir)
+        if resume_dir:
+            trainer.resume(resume_dir)
+            if dist.is_main:
+                print(f"bevt: resumed from {resume_dir} at step {trainer.state.step}", file=sys.stderr)
+        elif resume == "auto" and dist.is_main:
+            print(f"bevt: no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+        result = trainer.fit()
+        skipped = sorted(set().union(*[set(l.skipped_files) for l in loaders.values()]))
+        for loader in loaders.values():
+            loader.close()
+        summary = dict(result, run_dir=run_dir, recipe=cfg.recipe, model=cfg.model.name, mode=cfg.model.mode,
+                       device=str(device), world_size=dist.world_size, amp=amp, backends=describe_backends(device),
+                       skipped_files=skipped, init_notes=notes, steps_per_epoch=steps_per_epoch)
+        if dist.is_main:
+            print(format_summary("bevt pretrain: done", summary_rows(summary)), file=sys.stderr)
+        return summary
+    finally:
+        cleanup(dist)
+
+
+def summary_rows(s: dict) -> list[tuple[str, object]]:
+    first, last = s.get("first", {}), s.get("last", {})
+    rows = [("run folder", s["run_dir"]), ("recipe / model", f"{s['recipe']} / {s['model']} ({s['mode']})"),
+            ("device", f"{s['device']} x{s['world_size']}, amp {s['amp']}"),
+            ("kernels", ", ".join(f"{k}={v}" for k, v in s["backends"].items())),
+            ("steps / epochs", f"{s['steps']} / {s['epochs']} ({s['steps_per_epoch']} steps per epoch)"),
+            ("time", f"{s['elapsed_s']:.1f} s")]
+    if "loss" in last:
+        rows.append(("loss (first log -> last)", f"{first.get('loss', float('nan')):.4f} -> {last['loss']:.4f}"))
+    for k in ("acc_video", "acc_image"):
+        if k in last:
+            rows.append((f"masked-token {k[4:]} accuracy", f"{last[k]:.4f}"))
+    for k in ("clips_per_s", "images_per_s"):
+        if k in last:
+            rows.append((k.replace("_per_s", "/s"), f"{last[k]:.1f}"))
+    if s.get("peak_mem_gb"):
+        rows.append(("peak GPU memory", f"{s['peak_mem_gb']:.2f} GB"))
+    sk = s.get("skipped_files", [])
+    rows.append(("skipped files", f"{len(sk)}" + (": " + ", ".join(sk[:5]) + (" ..." if len(sk) > 5 else "") if sk else "")))
+    rows.append(("checkpoint", s.get("checkpoint")))
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(p) -> None:
+    p.add_argument("--recipe", default="default", help="named recipe (bevt info --recipes); default: the embedded run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set optim.lr=1e-4 --set data.root=/data/k400")
+    p.add_argument("--resume", default="", metavar="auto|DIR",
+                   help="continue exactly from a checkpoint folder, a run folder's latest, or 'auto' (the run's own)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args) -> int:
+    try:
+        cfg = build_config(args.recipe, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"bevt pretrain: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from bevt.config import to_json
+
+        print(to_json(cfg))
+        return 0
+    try:
+        pretrain(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"bevt pretrain: {e}", file=sys.stderr)
+        return 2
+    return 0
