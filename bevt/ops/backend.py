@@ -17,6 +17,7 @@ The environment variable ``BEVT_KERNELS`` is parsed here and only here. Forms:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -136,6 +137,11 @@ def priority(op: str) -> tuple[str, ...]:
 Predicate = Callable[[bool], bool]  # predicate(raise_error) -> bool
 
 
+# True while the predicate of an explicitly requested backend runs: only then may Triton kernels run on
+# CPU tensors in the interpreter (auto never picks the interpreter: it is orders of magnitude slower).
+_explicit = contextvars.ContextVar("bevt_explicit_backend", default=False)
+
+
 def choose(op: str, backend: str | None, predicates: dict[str, Predicate]) -> str:
     """Return the backend to run ``op`` with; see the module docstring for the rules."""
     requested = backend if backend is not None else _defaults[op]
@@ -143,7 +149,11 @@ def choose(op: str, backend: str | None, predicates: dict[str, Predicate]) -> st
         if requested not in predicates:
             raise BackendUnavailable(
                 f"{op}: unknown backend {requested!r}; this op has {', '.join(predicates)}")
-        predicates[requested](True)
+        token = _explicit.set(True)
+        try:
+            predicates[requested](True)
+        finally:
+            _explicit.reset(token)
         return requested
     reasons = {}
     for name in _PRIORITY[op]:
@@ -196,7 +206,11 @@ def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and triton_interpreting():
-            continue
+            if _explicit.get():
+                continue
+            reasons.append("CPU tensors run Triton kernels only in the interpreter, which auto never picks "
+                           "(ask for backend='triton' explicitly)")
+            break
         reasons.append(f"tensors must be on a CUDA device (got {t.device}; CPU tensors only under TRITON_INTERPRET=1)")
         break
     return reasons
