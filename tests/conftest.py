@@ -1,0 +1,48 @@
+"""Shared fixtures.
+
+``synth_dataset``: a tiny synthetic dataset (real H.264 mp4 clips, JPEG images, mmaction lists), written
+once per test session into a temporary folder. It is a :class:`bevt.data.synth.SynthDataset`:
+``.root``, ``.train_list`` (16 clips), ``.val_list`` (8 clips), ``.images_list`` (16 images),
+``.classes_file``, ``.classes`` (8 names); clips have 32 frames of 160x128 at 25 fps. Treat it as
+read-only: copy files into ``tmp_path`` to damage or modify them.
+
+``broken_videos``: ``(items, bad_paths)``: seven :class:`bevt.data.datasets.Sample` entries, good clips of
+``synth_dataset`` at indices 0, 4, 6 (labels = index) and unreadable files at 1 (missing), 2 (empty),
+3 (random bytes) and 5 (an mp4 cut in half); ``bad_paths`` lists those four paths in that order.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Without a GPU, Triton kernels are tested in Triton's CPU interpreter. The variable must be set before
+# any kernel module is imported (triton.jit reads it when a kernel is defined), hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SYNTH_SETTINGS = dict(num_train=16, num_val=8, num_images=16, num_frames=32, size=(160, 128), fps=25,
+                      codec="h264", seed=0, workers=1)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    from bevt.data import synth
+
+    return synth.generate(tmp_path_factory.mktemp("synth") / "synth", **SYNTH_SETTINGS)
+
+
+@pytest.fixture
+def broken_videos(synth_dataset, tmp_path):
+    from bevt.data.datasets import Sample, read_annotation_list
+
+    good = read_annotation_list(synth_dataset.train_list)
+    data = open(good[0].path, "rb").read()
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    bad = [str(tmp_path / n) for n in ("missing.mp4", "empty.mp4", "garbage.mp4", "truncated.mp4")]
+    items = [good[0], Sample(bad[0], 1), Sample(bad[1], 2), Sample(bad[2], 3), good[4], Sample(bad[3], 5), good[6]]
+    return items, bad
