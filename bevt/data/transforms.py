@@ -29,6 +29,8 @@ Differences from the official code, on purpose:
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -380,6 +382,12 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, channel_
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} values, the tensor has {c} channels at dim {dim}")
     view = [1] * x.ndim
     view[dim] = c
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(view)
-    inv_std_t = (1.0 / torch.tensor(std, dtype=torch.float32, device=x.device)).view(view)
-    return ((x.to(torch.float32) - mean_t) * inv_std_t).to(dtype)
+    mean_t, inv_std_t = _norm_constants(tuple(mean), tuple(std), x.device)
+    return ((x.to(torch.float32) - mean_t.view(view)) * inv_std_t.view(view)).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: a fresh host-to-device copy in every training step would be a sync point
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    return mean_t, 1.0 / torch.tensor(std, dtype=torch.float32, device=device)
