@@ -68,6 +68,8 @@ class TokenizerConfig:
     """kind=vq only: train and save the VQ tokenizer on the dataset's frames if the file is missing."""
     train_steps: int = 300
     """Steps of VQ training when it is trained here."""
+    compile: bool = True
+    """On CUDA, torch.compile the tokenizer's forward (fuses its element-wise work: ~1.7x for DALL-E)."""
 
     def __post_init__(self):
         _check(self.kind in ("vq", "dalle"), f"tokenizer.kind must be 'vq' or 'dalle', got {self.kind!r}")

@@ -136,3 +136,17 @@ def test_corrupt_video_is_skipped_and_reported(synth_dataset, tokenizer_file, tm
     s = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "run", f"data.root={root}", "optim.epochs=1"))
     assert s["steps"] == 8
     assert any(p.endswith(first) for p in s["skipped_files"]), s["skipped_files"]
+
+
+def test_tokenizer_train_cli(synth_dataset, tmp_path):
+    from bevt.cli import main
+    from bevt.tokenizers import load_tokenizer
+
+    out = tmp_path / "tok.safetensors"
+    args = ["tokenizer", "train", "--out", str(out), "--steps", "3", "--frames", "32", "--vocab-size", "16"]
+    for ov in TINY + [f"data.root={synth_dataset.root}"]:
+        args += ["--set", ov]
+    assert main(args) == 0
+    assert load_tokenizer(str(out)).vocab_size == 16
+    assert main(args) == 2  # refuses to overwrite
+    assert main(args[:3] + ["bad.pt"] + args[4:]) == 2

@@ -100,7 +100,7 @@ def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo):
         if dist.is_main:
             train_tokenizer_on_dataset(cfg, path, device)
         barrier(dist)
-    tok = load_tokenizer(f"{cfg.tokenizer.kind}:{path}", device=device)
+    tok = load_tokenizer(f"{cfg.tokenizer.kind}:{path}", device=device, compile=cfg.tokenizer.compile)
     if tok.vocab_size != cfg.tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer at {path} has {tok.vocab_size} codes but tokenizer.vocab_size="
                           f"{cfg.tokenizer.vocab_size}: set tokenizer.vocab_size={tok.vocab_size} (the LM head is "

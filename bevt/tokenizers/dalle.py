@@ -1,0 +1,358 @@
+"""The DALL-E dVAE encoder (the tokenizer of the BEVT paper), and a safe loader for OpenAI's ``encoder.pkl``.
+
+Architecture (OpenAI's ``dall_e`` package, restated here; parameter names kept so files map 1:1)::
+
+    blocks.input            Conv2d 7x7, 3 -> n_hid
+    blocks.group_1          2 x EncoderBlock(n_hid -> n_hid),     pool (2x2 max)
+    blocks.group_2          2 x EncoderBlock(-> 2 n_hid),         pool
+    blocks.group_3          2 x EncoderBlock(-> 4 n_hid),         pool
+    blocks.group_4          2 x EncoderBlock(-> 8 n_hid)
+    blocks.output           ReLU, Conv2d 1x1, 8 n_hid -> vocab_size          (logits over the codebook)
+
+    EncoderBlock(n_in -> n_out):  id_path(x) + post_gain * res_path(x),  post_gain = 1 / n_layers**2
+        id_path   Conv2d 1x1 if n_in != n_out, else identity;   n_layers = group_count * n_blk_per_group
+        res_path  relu_1, conv_1 3x3 (n_in -> n_out/4), relu_2, conv_2 3x3, relu_3, conv_3 3x3,
+                  relu_4, conv_4 1x1 (-> n_out)
+
+Each Conv2d holds ``w`` (n_out, n_in, kw, kw) and ``b`` (n_out,), padding (kw - 1) // 2. The published
+model has n_hid 256, 2 blocks per group, vocab 8192: 8x downsampling, so 112x112 -> 14x14 ids. Its
+input is ``map_pixels(x / 255)``. On CUDA, DALL-E runs every conv in fp16 except the output conv (fp32);
+:class:`DalleTokenizer` does the same by default (autocast fp16, output conv in fp32).
+
+``encoder.pkl`` is a pickled module object whose classes live in the ``dall_e`` package. It is loaded
+here without that package and without running arbitrary code: a restricted unpickler maps the three
+``dall_e`` classes to inert stand-ins and accepts only an explicit allowlist of other globals.
+
+Shape legend: N images, H, W pixels, h, w token grid (H/8, W/8), V vocab size.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import functools
+import io
+import json
+import os
+import pickle
+import types
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bevt.tokenizers.base import DALLE_HOWTO, Tokenizer, check_images
+
+LOGIT_LAPLACE_EPS = 0.1
+SAFETENSORS_FORMAT = "bevt-dalle-encoder"
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """DALL-E's input mapping of [0, 1] pixels: ``(1 - 2 eps) x + eps`` (into [0.1, 0.9])."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Inverse of :func:`map_pixels`, clamped to [0, 1]."""
+    return torch.clamp((x - eps) / (1 - 2 * eps), 0, 1)
+
+
+# ------------------------------------------------------------------------------------ the model
+class DalleConv2d(nn.Module):
+    """DALL-E's conv: parameters ``w`` (n_out, n_in, kw, kw) and ``b`` (n_out,), 'same' padding."""
+
+    def __init__(self, n_in: int, n_out: int, kw: int):
+        super().__init__()
+        if kw < 1 or kw % 2 == 0:
+            raise ValueError(f"kernel width must be odd and >= 1, got {kw}")
+        self.n_in, self.n_out, self.kw = n_in, n_out, kw
+        self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / (n_in * kw * kw) ** 0.5)
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.n_in}, {self.n_out}, kw={self.kw}"
+
+
+class DalleEncoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        if n_out % 4:
+            raise ValueError(f"block width must be a multiple of 4, got {n_out}")
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers ** 2
+        self.id_path = DalleConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", DalleConv2d(n_in, n_hid, 3)),
+            ("relu_2", nn.ReLU()), ("conv_2", DalleConv2d(n_hid, n_hid, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", DalleConv2d(n_hid, n_hid, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", DalleConv2d(n_hid, n_out, 1)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DalleEncoder(nn.Module):
+    """The DALL-E dVAE encoder: mapped pixels (N, 3, H, W) float -> logits (N, V, H/8, W/8).
+
+    ``fp32_logits``: run the output conv in fp32 even under autocast, as DALL-E does on CUDA.
+    """
+
+    group_count = 4  # the architecture has four groups; OpenAI's field only enters n_layers
+
+    def __init__(self, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192,
+                 input_channels: int = 3, fp32_logits: bool = True):
+        super().__init__()
+        if n_hid < 1 or n_blk_per_group < 1 or vocab_size < 2 or input_channels < 1:
+            raise ValueError(f"bad DALL-E encoder size: n_hid={n_hid}, n_blk_per_group={n_blk_per_group}, "
+                             f"vocab_size={vocab_size}, input_channels={input_channels}")
+        self.n_hid, self.n_blk_per_group = n_hid, n_blk_per_group
+        self.vocab_size, self.input_channels = vocab_size, input_channels
+        self.fp32_logits = fp32_logits
+        n_layers = self.group_count * n_blk_per_group
+
+        def group(n_in: int, n_out: int, pool: bool) -> nn.Sequential:
+            layers = [(f"block_{i + 1}", DalleEncoderBlock(n_in if i == 0 else n_out, n_out, n_layers))
+                      for i in range(n_blk_per_group)]
+            if pool:
+                layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            return nn.Sequential(OrderedDict(layers))
+
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", DalleConv2d(input_channels, n_hid, 7)),
+            ("group_1", group(n_hid, n_hid, pool=True)),
+            ("group_2", group(n_hid, 2 * n_hid, pool=True)),
+            ("group_3", group(2 * n_hid, 4 * n_hid, pool=True)),
+            ("group_4", group(4 * n_hid, 8 * n_hid, pool=False)),
+            ("output", nn.Sequential(OrderedDict([
+                ("relu", nn.ReLU()),
+                ("conv", DalleConv2d(8 * n_hid, vocab_size, 1)),
+            ]))),
+        ]))
+
+    def config(self) -> dict:
+        return {"n_hid": self.n_hid, "n_blk_per_group": self.n_blk_per_group, "vocab_size": self.vocab_size,
+                "input_channels": self.input_channels}
+
+    def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        h = x_NCHW
+        for name, module in self.blocks.named_children():
+            if name == "output" and self.fp32_logits and torch.is_autocast_enabled(h.device.type):
+                with torch.autocast(h.device.type, enabled=False):
+                    return module(h.float())
+            h = module(h)
+        return h
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights as safetensors, the config in its metadata (a safe, fast copy of encoder.pkl)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.fspath(path), metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(self.config())})
+
+
+class DalleTokenizer(Tokenizer):
+    """Frozen DALL-E encoder: uint8 (N, 3, H, W) -> ids (N, H/8, W/8) = argmax of the logits.
+
+    Pixels are mapped as BEVT's pipeline does (``x / 255``, then :func:`map_pixels`). On CUDA the convs run
+    in fp16 by default, as DALL-E's own code does (``compute_dtype="bf16"`` to change it), the output conv in
+    fp32 unless the encoder was built with ``fp32_logits=False``.
+    """
+
+    default_cuda_dtype = torch.float16
+
+    def __init__(self, encoder: DalleEncoder, compute_dtype: torch.dtype | str | None = None,
+                 chunk_size: int | None = None, compile: bool = False):
+        super().__init__(compute_dtype=compute_dtype, chunk_size=chunk_size, compile=compile)
+        self.encoder = encoder
+        self.input_channels = encoder.input_channels
+        self.freeze()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoder.vocab_size
+
+    def _preprocess(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        return map_pixels(x_NCHW.float() / 255)
+
+    def _encode_chunk(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self._preprocess(x_NCHW)).argmax(dim=1)
+
+    @torch.no_grad()
+    def logits(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (N, V, H/8, W/8) of uint8 images, in one chunk (for tests and inspection)."""
+        check_images(x_NCHW, self.input_channels, self.downsample)
+        x = x_NCHW.to(self.device)
+        dtype = self.autocast_dtype()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return self.encoder(self._preprocess(x)).float()
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.encoder.save(path)
+
+
+# ------------------------------------------------------------------------------------ safe unpickling
+class _PickledEncoder(nn.Module):
+    """Stand-in for ``dall_e.encoder.Encoder``: receives the pickled state, runs nothing."""
+
+
+class _PickledEncoderBlock(nn.Module):
+    """Stand-in for ``dall_e.encoder.EncoderBlock``."""
+
+
+class _PickledConv2d(nn.Module):
+    """Stand-in for ``dall_e.utils.Conv2d``."""
+
+
+_STAND_INS = {
+    ("dall_e.encoder", "Encoder"): _PickledEncoder,
+    ("dall_e.encoder", "EncoderBlock"): _PickledEncoderBlock,
+    ("dall_e.utils", "Conv2d"): _PickledConv2d,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """Every global besides the stand-ins that an encoder.pkl may name (old and new torch versions)."""
+    import torch._utils as tu
+
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("torch", "device"): torch.device,
+        ("torch", "Size"): torch.Size,
+        ("torch.nn.modules.container", "Sequential"): nn.Sequential,
+        ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
+        ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
+        ("torch.nn.modules.linear", "Identity"): nn.Identity,
+        ("torch.nn.parameter", "Parameter"): nn.Parameter,
+        ("torch._utils", "_rebuild_tensor"): tu._rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): tu._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): tu._rebuild_parameter,
+    }
+    if hasattr(tu, "_rebuild_parameter_with_state"):
+        allowed[("torch._utils", "_rebuild_parameter_with_state")] = tu._rebuild_parameter_with_state
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool"):
+        allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle names a global outside the DALL-E encoder allowlist: it is not loaded."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        # Protocol-2 pickles (torch.save's) spell Python 2 names (__builtin__.set): map them as pickle does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        key = (module, name)
+        if key in _STAND_INS:
+            return _STAND_INS[key]
+        allowed = _allowed_globals()
+        if key in allowed:
+            return allowed[key]
+        hint = ""
+        if module.startswith("dall_e.decoder") or name.startswith("Decoder"):
+            hint = " This looks like DALL-E's decoder.pkl: the tokenizer needs encoder.pkl."
+        raise UnsafePickleError(
+            f"refusing to load global '{module}.{name}' from the pickle: only the DALL-E encoder classes "
+            f"and torch's tensor/module rebuild helpers are allowed (this loader never runs code from a "
+            f"pickle).{hint}")
+
+
+def _restricted_pickle_module() -> types.ModuleType:
+    """A pickle-like module for ``torch.load(pickle_module=...)``: its Unpickler and load are restricted."""
+    mod = types.ModuleType("bevt_restricted_pickle")
+    mod.Unpickler = _RestrictedUnpickler
+    mod.load = lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load()
+    mod.loads = lambda data, **kwargs: _RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
+    mod.UnpicklingError = pickle.UnpicklingError
+    return mod
+
+
+def _read_openai_pickle(path: str) -> DalleEncoder:
+    from torch.serialization import SourceChangeWarning
+
+    with warnings.catch_warnings():
+        # Legacy-format pickles carry the source of each module class; ours differ by design.
+        warnings.simplefilter("ignore", SourceChangeWarning)
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+    if not isinstance(obj, _PickledEncoder):
+        raise ValueError(f"{path!r} is not a DALL-E encoder pickle: its top-level object is a "
+                         f"{type(obj).__module__}.{type(obj).__qualname__}, expected dall_e.encoder.Encoder")
+    try:
+        n_hid, n_blk, vocab = int(obj.n_hid), int(obj.n_blk_per_group), int(obj.vocab_size)
+        group_count = int(getattr(obj, "group_count", 4))
+        input_channels = int(getattr(obj, "input_channels", 3))
+    except AttributeError as e:
+        raise ValueError(f"{path!r}: the pickled DALL-E encoder lacks a hyper-parameter ({e})") from None
+    if group_count != DalleEncoder.group_count:
+        raise ValueError(f"{path!r}: DALL-E encoder with group_count={group_count}; only 4 groups exist")
+    blocks = [m for m in obj.modules() if isinstance(m, _PickledEncoderBlock)]
+    expected_gain = 1 / (group_count * n_blk) ** 2
+    for m in blocks:
+        if abs(float(getattr(m, "post_gain", expected_gain)) - expected_gain) > 1e-12:
+            raise ValueError(f"{path!r}: an encoder block has post_gain {m.post_gain}, expected {expected_gain}")
+    encoder = DalleEncoder(n_hid=n_hid, n_blk_per_group=n_blk, vocab_size=vocab, input_channels=input_channels)
+    _load_state(encoder, obj.state_dict(), path)
+    return encoder
+
+
+def _load_state(encoder: DalleEncoder, state: dict, path: str) -> None:
+    state = {k: v.float() for k, v in state.items()}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not match a DALL-E encoder of {encoder.config()}: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def _config_from_state(state: dict) -> dict:
+    """Infer the hyper-parameters of a DalleEncoder state dict from its weight shapes."""
+    n_hid, input_channels = state["blocks.input.w"].shape[:2]
+    vocab_size = state["blocks.output.conv.w"].shape[0]
+    n_blk = len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
+    return {"n_hid": n_hid, "n_blk_per_group": n_blk, "vocab_size": vocab_size, "input_channels": input_channels}
+
+
+def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
+    """A DalleEncoder (fp32, CPU) from OpenAI's ``encoder.pkl``, or from a safetensors / state-dict copy.
+
+    ``.pkl``: the pickled ``dall_e`` module, read with a restricted unpickler (no ``dall_e`` package needed,
+    no code run). ``.safetensors``: written by :meth:`DalleEncoder.save`. ``.pt``/``.pth``: a state dict of
+    :class:`DalleEncoder` (loaded with ``weights_only=True``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DALL-E encoder not found: {path!r}. {DALLE_HOWTO}.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") not in (None, SAFETENSORS_FORMAT):
+            raise ValueError(f"{path!r} is a {meta['format']!r} file, not a DALL-E encoder")
+        config = json.loads(meta["config"]) if "config" in meta else _config_from_state(state)
+        encoder = DalleEncoder(**config)
+        _load_state(encoder, state, path)
+        return encoder
+    if ext in (".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict) or "blocks.input.w" not in state:
+            raise ValueError(f"{path!r} is not a DalleEncoder state dict (no 'blocks.input.w')")
+        encoder = DalleEncoder(**_config_from_state(state))
+        _load_state(encoder, state, path)
+        return encoder
+    return _read_openai_pickle(path)
