@@ -9,15 +9,34 @@ The CUDA extension is optional. It is built when all of these hold:
   * nvcc is found (CUDA_HOME or PATH), and
   * BEVT_BUILD_EXT is not "0".
 BEVT_BUILD_EXT=1 turns a skipped build into an error that says why. BEVT_CUDA_ARCH (or the usual
-TORCH_CUDA_ARCH_LIST) picks the architectures, e.g. "7.0;8.0;9.0" for V100/A100/H100.
+TORCH_CUDA_ARCH_LIST) picks the architectures, e.g. "7.0;8.0;9.0" for V100/A100/H100 (CUDA 12; CUDA 13
+builds 7.5 and newer, e.g. "8.0;9.0"); by default torch builds for the GPUs it sees.
 """
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _archs_nvcc_cannot_build(cuda_home, arch_list):
+    """Entries of an arch list ("7.0;8.0;9.0+PTX") that this nvcc cannot target (CUDA 13 dropped < 7.5)."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
+                             text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # an nvcc without --list-gpu-arch: the build itself will say
+    known = set(re.findall(r"compute_(\d+)", out))
+    bad = []
+    for token in re.split(r"[;,\s]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", token)
+        if known and m and m[1] + m[2] not in known:
+            bad.append(token)
+    return bad
 
 
 def _extension_build():
@@ -49,11 +68,19 @@ def _extension_build():
     arch = os.environ.get("BEVT_CUDA_ARCH")
     if arch:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    bad = _archs_nvcc_cannot_build(CUDA_HOME, arch) if arch else []
+    if bad:  # an explicit request nvcc cannot meet: say so now rather than through nvcc's own error
+        sys.exit(f"bevt: the nvcc in {CUDA_HOME} cannot build for {', '.join(bad)} (arch list {arch!r}); "
+                 "CUDA 13 builds compute capability 7.5 and newer, use CUDA 12 for 7.0 (V100), or set BEVT_CUDA_ARCH")
+    print(f"bevt: building the CUDA extension bevt._C ({len(sources)} sources, arch list "
+          f"{arch or 'of the visible GPUs (torch default)'})", file=sys.stderr)
+    # no -std flag: torch.utils.cpp_extension picks the C++ standard its headers need
     ext = CUDAExtension(
         name="bevt._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

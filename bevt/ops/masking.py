@@ -165,8 +165,9 @@ def tube_masks_ref(batch_size: int, spec: BlockMaskSpec = BlockMaskSpec(), tube:
 CAPABILITIES = {
     "ref": _be.Capabilities(devices=("cpu", "cuda"), dtypes=(torch.bool,), notes=("numpy, per sample on the host",)),
     "cuda": _be.Capabilities(devices=("cuda",), dtypes=(torch.bool,), min_compute_capability=(7, 0),
-                             notes=("one launch per batch, Philox keyed by (seed, step, index)",),
-                             extra={"max_grid_cells": 1024, "max_slots": 64}),
+                             notes=("one launch per batch (a warp per sample), Philox4x32-10 keyed by "
+                                    "(seed, step, index); seed < 2^64, step and index < 2^32",),
+                             extra={"max_grid_side": 32, "max_slots": 64}),
 }
 
 
@@ -181,11 +182,17 @@ def can_run_cuda(device: torch.device | str | None, spec: BlockMaskSpec, tube: T
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type != "cuda":
         reasons.append(f"masks must be made on a CUDA device, asked for {dev}")
-    ok, why = _be.cuda_extension_status()
-    if not ok:
-        reasons.append(why)
-    if spec.grid[0] * spec.grid[1] > caps.extra["max_grid_cells"]:
-        reasons.append(f"grid {spec.grid} has more than {caps.extra['max_grid_cells']} cells")
+    else:
+        ok, why = _be.cuda_extension_status()
+        if not ok:
+            reasons.append(why)
+        elif caps.min_compute_capability is not None:
+            cc = torch.cuda.get_device_capability(dev)
+            if cc < caps.min_compute_capability:
+                reasons.append(f"needs compute capability >= {caps.min_compute_capability}, {dev} has {cc}")
+    side = caps.extra["max_grid_side"]
+    if spec.grid[0] > side or spec.grid[1] > side:
+        reasons.append(f"grid sides must be <= {side}, got {spec.grid}")
     if tube is not None and tube.slots > caps.extra["max_slots"]:
         reasons.append(f"at most {caps.extra['max_slots']} temporal slots, got {tube.slots}")
     return _be.verdict(OP, "cuda", reasons, raise_error)
@@ -227,3 +234,24 @@ def tube_masks(batch_size: int, spec: BlockMaskSpec = BlockMaskSpec(), tube: Tub
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     return {"cuda": _be.cuda_extension_status(), "ref": (True, "")}
+
+
+def step_masks(num_clips: int, num_images: int, spec: BlockMaskSpec = BlockMaskSpec(), tube: TubeSpec = TubeSpec(), *,
+               seed: int = 0, step: int = 0, device: torch.device | str | None = None, backend: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All masks of a joint BEVT step: (clip input, clip target, image masks), one launch on CUDA.
+
+    The same bits as ``tube_masks(num_clips, ...)`` and ``block_masks(num_images, ...)`` called separately
+    with ``index_offset=0`` (clips and images draw from separate streams).
+    """
+    _check_batch(num_clips)
+    _check_batch(num_images)
+    name = _be.choose(OP, backend, {"cuda": lambda r: can_run_cuda(device, spec, tube, raise_error=r),
+                                    "ref": lambda r: True})
+    if name == "cuda":
+        from bevt.ops import _masking_cuda
+
+        return _masking_cuda.tube_and_block_masks(num_clips, num_images, spec, tube, spec, seed=seed, step=step,
+                                                  device=device)
+    inp, tgt = tube_masks_ref(num_clips, spec, tube, seed=seed, step=step, device=device)
+    return inp, tgt, block_masks_ref(num_images, spec, seed=seed, step=step, device=device)
