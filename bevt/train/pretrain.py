@@ -16,7 +16,7 @@ import torch
 
 from bevt.config import ConfigError, PretrainConfig, apply_overrides, save_json, to_dict
 from bevt.data.transforms import normalize
-from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, tube_masks, block_masks
+from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, step_masks
 from bevt.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from bevt.train.logger import format_summary
 from bevt.train.loop import LoopConfig, StepContext, Trainer, steps_for
@@ -176,25 +176,25 @@ class PretrainStep:
 
     def __call__(self, batches: dict, ctx: StepContext):
         dev, W = self.device, ctx.dist.world_size
+        vb, ib = batches.get("video"), batches.get("images")
+        B = vb["video"].shape[0] if vb is not None else 0
+        Bi = ib["images"].shape[0] if ib is not None else 0
+        # every mask of the global micro-batch in one launch, keyed by the micro-step
+        m_in, m_tgt, m_img = step_masks(B * W, Bi * W, self.block_spec, self.tube_spec, seed=self.seed,
+                                        step=ctx.micro_step, device=dev)
         kwargs, counts = {}, {}
-        if "video" in batches:
-            vb = batches["video"]
+        if vb is not None:
             video = normalize(vb["video"].to(dev, non_blocking=True), channel_dim=1)  # B, 3, T, S, S
             tok = vb["video_tok"].to(dev, non_blocking=True)  # B, T, 3, s, s
-            B, T = tok.shape[:2]
+            T = tok.shape[1]
             ids = self._tokens(tok.flatten(0, 1)).view(B, T, *self.block_spec.grid)
-            m_in, m_tgt = tube_masks(B * W, self.block_spec, self.tube_spec, seed=self.seed, step=ctx.micro_step,
-                                     device=dev)
             kwargs.update(video=video, video_mask=self._slice(m_in, ctx), video_target_mask=self._slice(m_tgt, ctx),
                           video_ids=ids)
             counts["clips"] = B
-        if "images" in batches:
-            ib = batches["images"]
+        if ib is not None:
             images = normalize(ib["images"].to(dev, non_blocking=True), channel_dim=1)
-            Bi = images.shape[0]
             ids = self._tokens(ib["images_tok"].to(dev, non_blocking=True))
-            mask = block_masks(Bi * W, self.block_spec, seed=self.seed, step=ctx.micro_step, device=dev)
-            kwargs.update(images=images, image_mask=self._slice(mask, ctx), image_ids=ids)
+            kwargs.update(images=images, image_mask=self._slice(m_img, ctx), image_ids=ids)
             counts["images"] = Bi
         out = self.model(**kwargs)
         metrics = {k: v for k, v in out.scalars().items()}

@@ -1,0 +1,238 @@
+"""The BEVT training step at Swin-B shapes: fast path vs reference path, phases, MFU (issue 9).
+
+Used by ``benchmarks/test_train_step.py`` and runnable on its own (``python benchmarks/train_step.py``),
+which prints the tables that RESULTS.md records.
+
+* **reference path**: every op on its PyTorch reference (``BEVT_KERNELS=ref``: eager window attention,
+  gather-first masked CE, numpy masks), the tokenizer as the official code runs it (DALL-E convs in
+  fp16), bf16 autocast, fused AdamW.
+* **fast path**: ``auto`` backends (Triton attention and CE, CUDA masks), the tokenizer compiled
+  (torch.compile fuses its element-wise work between cuDNN convs) with cuDNN autotuning, the same
+  autocast and optimizer.
+
+Inputs are random uint8 frames already on the GPU (decoding is measured by the DALI benchmark); the
+DALL-E encoder has random weights (the published weights cannot be downloaded here; speed does not
+depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bevt.data.transforms import normalize
+from bevt.models.bevt import create_bevt
+from bevt.ops import BlockMaskSpec, TubeSpec, step_masks, use_backend
+from bevt.tokenizers import DalleEncoder, DalleTokenizer
+from bevt.train.optim import build_optimizer, param_groups
+
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, datasheet (the measured matmul ceiling is ~780)
+
+
+@dataclass
+class StepBench:
+    path: str  # "fast" | "ref"
+    clips: int
+    images: int
+    model: torch.nn.Module
+    tokenizer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: dict
+    frames: int = 16
+    step_count: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def backends(self):
+        return use_backend("ref") if self.path == "ref" else contextlib.nullcontext()
+
+    def _tokens(self, x):
+        with torch.autocast("cuda", enabled=False):
+            return self.tokenizer.encode(x)
+
+    def run(self, phases: dict | None = None) -> None:
+        """One full optimizer step. With ``phases``, time each phase with CUDA events (the streams then
+        run their backward passes separately: the same gradients, attributable time)."""
+        ev = {}
+
+        def mark(name):
+            if phases is not None:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                ev[name] = e
+
+        m, x = self.model, self.inputs
+        B, T = self.clips, self.frames
+        grid = BlockMaskSpec().grid
+        with self.backends:
+            mark("start")
+            ids_v = self._tokens(x["video_tok"].flatten(0, 1)).view(B, T, *grid) if B else None
+            ids_i = self._tokens(x["images_tok"]) if self.images else None
+            mark("tokenizer")
+            vin, vtgt, imask = step_masks(B, self.images, BlockMaskSpec(), TubeSpec(), seed=0, step=self.step_count,
+                                          device="cuda")
+            mark("masks")
+            total = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if B:
+                    video = normalize(x["video"], channel_dim=1)
+                    hv = m.encode_video(video, vin)
+                    lv, _ = m._stream_loss(hv, vtgt, ids_v, "video")
+                    total = lv
+            mark("video_fwd")
+            if phases is not None and B:
+                lv.backward()
+                total = None
+            mark("video_bwd")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if self.images:
+                    images = normalize(x["images"], channel_dim=1)
+                    hi = m.encode_images(images, imask)
+                    li, _ = m._stream_loss(hi, imask, ids_i, "image")
+                    total = li if total is None else total + li
+            mark("image_fwd")
+            total.backward()
+            mark("image_bwd")
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 3.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            mark("optimizer")
+        self.step_count += 1
+        if phases is not None:
+            torch.cuda.synchronize()
+            names = list(ev)
+            for a, b in zip(names, names[1:]):
+                phases[b] = phases.get(b, 0.0) + ev[a].elapsed_time(ev[b])
+
+
+def build(path: str, clips: int, images: int, *, model_name: str = "videoswin_base_patch244_window877",
+          frames: int = 16, size: int = 224, seed: int = 0) -> StepBench:
+    if path not in ("fast", "ref"):
+        raise ValueError(f"path must be 'fast' or 'ref', got {path!r}")
+    torch.manual_seed(seed)
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = path == "fast"
+    model = create_bevt(model_name, mode="bevt" if clips and images else ("bevt_v" if clips else "bevt_i"),
+                        vocab_size=8192, drop_path_rate=0.3).to(dev)
+    opt = build_optimizer(param_groups(model, weight_decay=0.05, no_decay_keys=("relative_position_bias_table",
+                                                                                  "norm")),
+                          lr=5e-4, device_type="cuda")
+    # reference: fp16 convs as DALL-E's own code; fast: the same, compiled (fused element-wise work)
+    tok = DalleTokenizer(DalleEncoder(), compile=path == "fast").to(dev).to(memory_format=torch.channels_last)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    s = size // 2
+
+    def u8(*shape):
+        return torch.randint(0, 256, shape, device=dev, dtype=torch.uint8, generator=g)
+
+    inputs = {"video": u8(clips, 3, frames, size, size), "video_tok": u8(clips, frames, 3, s, s),
+              "images": u8(images, 3, size, size), "images_tok": u8(images, 3, s, s)}
+    return StepBench(path, clips, images, model, tok, opt, inputs, frames)
+
+
+def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def peak_gb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def step_flops(sb: StepBench) -> float:
+    """Matrix FLOPs of one step (forward + backward of the model, tokenizer forward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with use_backend("ref"), FlopCounterMode(display=False) as fc:
+        sb.run()
+    return float(fc.get_total_flops())
+
+
+def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: int = 10) -> dict:
+    sb = build(path, clips, images)
+    ms = time_ms(sb.run, iters=iters)
+    row = {"path": path, "clips": clips, "images": images, "step_ms": ms,
+           "clips_per_s": clips / ms * 1e3, "images_per_s": images / ms * 1e3, "peak_gb": peak_gb(sb.run)}
+    if phases:
+        ph: dict[str, float] = {}
+        for _ in range(3):
+            sb.run(ph)
+        row["phases_ms"] = {k: v / 3 for k, v in ph.items()}
+    flops = step_flops(sb)
+    row["tflops_per_step"] = flops / 1e12
+    row["mfu"] = flops / (ms / 1e3) / (H100_BF16_PEAK_TFLOPS * 1e12)
+    del sb
+    torch.cuda.empty_cache()
+    return row
+
+
+def video_stream_vs_torchvision(clips: int = 8, iters: int = 10) -> dict:
+    """Video Swin-B train step (video stream alone, classification loss) vs torchvision's swin3d_b."""
+    from torchvision.models.video import swin3d_b
+
+    from bevt.models import create_model
+
+    dev = torch.device("cuda")
+    x = torch.randn(clips, 3, 16, 224, 224, device=dev)
+    out = {}
+    for name, make in (("bevt_fast", lambda: create_model("videoswin_base_patch244_window877", num_classes=400)),
+                       ("torchvision_swin3d_b", lambda: swin3d_b())):
+        m = make().to(dev)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = m(x)
+            y.float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ms = time_ms(step, iters=iters)
+        out[name] = {"step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak_gb(step)}
+        del m, opt
+        torch.cuda.empty_cache()
+    out["speedup"] = out["bevt_fast"]["clips_per_s"] / out["torchvision_swin3d_b"]["clips_per_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--shapes", default="4x32,8x64", help="clips x images per step, comma-separated")
+    args = ap.parse_args()
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "steps": []}
+    for shape in args.shapes.split(","):
+        c, i = (int(v) for v in shape.split("x"))
+        for path in ("ref", "fast"):
+            row = measure(path, c, i)
+            res["steps"].append(row)
+            print(json.dumps(row), flush=True)
+    res["video_stream"] = video_stream_vs_torchvision()
+    print(json.dumps(res["video_stream"]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
