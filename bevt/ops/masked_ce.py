@@ -47,8 +47,19 @@ def masked_ce_ref(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
 
 CAPABILITIES = {
     "ref": _be.Capabilities(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float16, torch.bfloat16)),
-    "triton": _be.Capabilities(devices=("cuda", "interpreter"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                               min_compute_capability=(8, 0), extra={"max_hidden": 4096}),
+    "triton": _be.Capabilities(
+        devices=("cuda", "interpreter"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        min_compute_capability=(8, 0),
+        notes=("no host sync: the masked count stays on the device",
+               "gradients are computed in the forward (only when needed) and scaled by grad_output in the backward",
+               "a second backward through the same graph is refused (saved gradients were scaled in place)"),
+        extra={"max_hidden": 16384, "max_vocab": 1 << 20,
+               "weight_dtypes": (torch.float32, torch.float16, torch.bfloat16),
+               # relative error (norm) vs a float64 reference, as a multiple of the reference path's own error
+               # in the same dtype, plus an absolute floor
+               "tolerances": {"loss_ratio": 2.0, "grad_ratio": 3.0, "floor": {torch.float32: 1e-5,
+                                                                             torch.float16: 2e-3,
+                                                                             torch.bfloat16: 1e-2}}}),
 }
 
 
@@ -65,13 +76,23 @@ def can_run_ref(*_, raise_error: bool = False, **__) -> bool:
     return True
 
 
-def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, *, raise_error: bool = False, **_) -> bool:
+def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, target: torch.Tensor | None = None, *,
+                   raise_error: bool = False, **_) -> bool:
     caps = CAPABILITIES["triton"]
-    reasons = _be.triton_device_reasons(hidden, weight)
+    tensors = [t for t in (hidden, weight, bias, mask, target) if t is not None]
+    reasons = _be.triton_device_reasons(*tensors)
+    if len({t.device for t in tensors}) > 1:
+        reasons.append("all tensors must be on one device, got " + ", ".join(sorted({str(t.device) for t in tensors})))
     if hidden.dtype not in caps.dtypes:
         reasons.append(f"dtype must be one of {caps.dtypes}, got {hidden.dtype}")
+    if weight.dtype not in caps.extra["weight_dtypes"] or (bias is not None and bias.dtype not in caps.extra["weight_dtypes"]):
+        reasons.append(f"weight and bias dtypes must be one of {caps.extra['weight_dtypes']}, got {weight.dtype}"
+                       + ("" if bias is None else f" and {bias.dtype}"))
     if hidden.shape[-1] > caps.extra["max_hidden"]:
         reasons.append(f"hidden size must be <= {caps.extra['max_hidden']}, got {hidden.shape[-1]}")
+    if weight.shape[0] > caps.extra["max_vocab"]:
+        reasons.append(f"codebook size must be <= {caps.extra['max_vocab']}, got {weight.shape[0]}")
     dev = hidden.device
     if dev.type == "cuda" and caps.min_compute_capability is not None:
         cc = torch.cuda.get_device_capability(dev)
@@ -79,6 +100,11 @@ def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, *, raise_error: b
             reasons.append(f"needs compute capability >= {caps.min_compute_capability}, device has {cc}")
     if not _triton_kernel_importable():
         reasons.append("the Triton masked-CE kernel is not available in this build")
+    elif dev.type == "cpu" and _be.triton_interpreting():
+        from bevt.kernels import masked_ce as _k
+
+        if not _k.interpreter_ready():
+            reasons.append("triton was imported before TRITON_INTERPRET=1 was set; set it before the first import")
     return _be.verdict(OP, "triton", reasons, raise_error)
 
 
@@ -94,6 +120,11 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
         backend: None (default/auto), "ref" or "triton".
     Returns:
         (loss, accuracy): 0-dim fp32 tensors on hidden's device; only ``loss`` carries gradients.
+
+    The triton backend never waits for the GPU (the masked count stays on the device); it computes the
+    gradients during the forward when any input requires grad (scaled by grad_output in the backward) and
+    does not support a second backward through the same graph. Targets outside [0, V) give a NaN loss there
+    instead of an error (checking them would need a host sync).
     """
     if hidden.dim() not in (2, 3):
         raise ValueError(f"masked_ce: hidden must be (B, L, D) or (L, D), got {tuple(hidden.shape)}")
@@ -110,7 +141,7 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"masked_ce: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     name = _be.choose(OP, backend, {
-        "triton": lambda r: can_run_triton(hidden, weight, raise_error=r),
+        "triton": lambda r: can_run_triton(hidden, weight, bias, mask, target, raise_error=r),
         "ref": lambda r: True,
     })
     if name == "triton":
