@@ -154,7 +154,7 @@ def test_build_loader(synth_dataset):
     assert torch.cat([b["index"] for b in batches]).tolist() == list(range(8))  # test: in order, no drop
     img = build_loader("image", synth_dataset.images_list, batch_size=4, decoder="pyav", num_workers=0, **IMAGE_KW)
     assert next(iter(img))["images"].shape == (4, 3, 56, 56)
-    with pytest.raises(ValueError, match="unknown decoder 'dali'"):
-        build_loader("video", synth_dataset.val_list, batch_size=2, decoder="dali")
+    with pytest.raises(ValueError, match="unknown decoder 'nvdec'"):
+        build_loader("video", synth_dataset.val_list, batch_size=2, decoder="nvdec")
     with pytest.raises(ValueError, match="kind"):
         build_loader("audio", synth_dataset.val_list, batch_size=2)
