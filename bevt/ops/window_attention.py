@@ -190,9 +190,16 @@ def window_attention_tokens_ref(qkv: torch.Tensor, bias_table: torch.Tensor, *, 
 CAPABILITIES = {
     "ref": _be.Capabilities(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
                             notes=("any shape",)),
+    # fp32 runs with exact fp32 products (no tf32): correct but several times slower than bf16/fp16.
+    # tolerances: the kernel's max and mean error against the fp32 reference may be at most these multiples
+    # of the same-dtype reference's error (fp32 inputs: against a float64 reference, relative to its scale).
     "triton": _be.Capabilities(devices=("cuda", "interpreter"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
                                min_compute_capability=(8, 0),
-                               extra={"head_dims": (16, 32, 64), "max_window_tokens": 16 * 7 * 7}),
+                               notes=("forward and backward bitwise deterministic (no atomics)",
+                                      "token layout: pad, roll and window partition by index arithmetic"),
+                               extra={"head_dims": (16, 32, 64), "max_window_tokens": 16 * 7 * 7,
+                                      "deterministic": True,
+                                      "tolerances": {"out": 2.0, "grad": 3.0, "fp32_rel": 2e-5}}),
 }
 
 
@@ -230,6 +237,12 @@ def _triton_reasons(dtype: torch.dtype, head_dim: int, n_tokens: int, tensors: S
             reasons.append(f"needs compute capability >= {caps.min_compute_capability}, device has {cc}")
     if not _triton_kernel_importable():
         reasons.append("the Triton window-attention kernel is not available in this build")
+    elif _be.triton_interpreting() and any(t.device.type == "cpu" for t in tensors):
+        from bevt.kernels import window_attention as _k
+
+        if not _k.interpreter_ready():
+            reasons.append("TRITON_INTERPRET=1 was set after triton was imported in compiled mode: set it before "
+                           "the first import of triton to run the kernels on the CPU")
     return reasons
 
 

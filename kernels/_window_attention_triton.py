@@ -1,0 +1,548 @@
+"""Triton kernels of shifted-window 3D attention with a relative position bias table.
+
+Shape legend: BW windows (all samples), NH heads, N tokens per window (WD * WH * WW), DH head dim,
+L table rows, R window ranges of the bias-gradient reduction, NQP / NKP padded query / key rows of the
+bias-gradient tiles.
+
+Kernels (launched by ``bevt.kernels.window_attention``):
+
+* ``_fwd_kernel``: one program per (query tile, head, window). Online softmax in the exp2 domain over the
+  window's key tiles; the bias is read from the head's expanded (NP, NP) plane (made from the table once per
+  call by the launcher: contiguous rows, -inf in padded columns, shared by all windows); the shift
+  mask (-100, as the official code) is computed from token coordinates. Writes O and the row
+  log-sum-exp (base 2) LSE (BW, NH, N).
+* ``_bwd_dq_kernel``: one program per (query tile, head, range of WPP windows). For each window it
+  computes delta = rowsum(dO * O) (stored for the next kernels), recomputes P and dS = P * (dP - delta)
+  over the key tiles and accumulates dQ in registers.
+* ``_bwd_dbias_kernel``: one program per (query tile, key tile, head, range of WPP windows): recomputes dS
+  of its tile pair in every window of the range and sums it in registers, so the bias gradient is reduced
+  over the WPP windows before anything is written: DBP[r, h] (NQP, NKP) holds one fp32 partial per range.
+  (A separate kernel costs one more recompute of P, but keeps every kernel at a 64 x 64 tile: holding
+  the partials of all key tiles in the dQ kernel's registers forced 16-row tiles and spills.)
+* ``_bwd_dkdv_kernel``: one program per (key tile, head, window): recomputes P^T and dS^T per query
+  tile, accumulates dK and dV in registers; in token layout, the rows of padded tokens are summed into
+  a per-program partial of the kv_pad gradient instead of being stored.
+* ``_table_grad_kernel``: deterministic gather of the bias-table gradient: for table row l, the sum
+  over the ranges r and over the (i, j) pairs with index(i, j) = l (a CSR list sorted by l) of DBP.
+
+No kernel uses atomics: every output is written by exactly one program, in a fixed order, so all
+results are bitwise reproducible for a given launch configuration.
+
+Addressing. ``LAYOUT`` bit 0 set (token layout): q/k/v are views of one (B, D, H, W, 3, NH, DH) tensor (pointers Q, K, V
+are its three components), O/dO are (B, D, H, W, NH, DH). Token t of window w sits at the padded,
+rolled coordinate p = window origin + t; its source token is (p + shift) mod Lp on each axis; if that
+lies outside the real (D, H, W) grid it is a padded token: k, v come from KVP (2, NH, DH), nothing is
+stored for it. Bit 0 clear: q/k/v/o are (BW, NH, N, DH) contiguous windows. ``LAYOUT >= 2``: 64-bit
+element offsets (tensors of 2**31 elements or more), else 32-bit.
+
+Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (NH, NP, NP);
+SD/SH/SW roll shift (token layout), MD/MH/MW shift of the region mask (0: no mask on that axis); the
+shifts and HAS_PAD are runtime values, so shifted and unshifted blocks of a stage share one compiled kernel.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MASK2 = tl.constexpr(-100.0 * LOG2E)  # the official -100 additive mask, in the exp2 domain
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """IEEE > 0: exact fp32 products (fp32 inputs; and in the interpreter, whose bf16/fp16 dot is wrong)."""
+    if IEEE > 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _cvt(x, dtype: tl.constexpr, IEEE: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. IEEE == 2 (the interpreter) rounds bf16 by hand: the
+    interpreter truncates fp32 -> bf16, which would double the low-precision error seen by the tests."""
+    if IEEE == 2 and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _win_masked(wi, nWd, nWh, nWw, MD, MH, MW):
+    """Does window wi (all samples, raster order) carry a region mask? (last window on a masked axis)"""
+    nws = nWd * nWh * nWw
+    wl = wi % nws
+    m = ((MD > 0) & (wl // (nWh * nWw) == nWd - 1)) | ((MH > 0) & ((wl // nWw) % nWh == nWh - 1))
+    return m | ((MW > 0) & (wl % nWw == nWw - 1))
+
+
+@triton.jit
+def _rows(n, wi, h, D, H, W, nWd, nWh, nWw,
+          NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+          TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
+          MD, MH, MW, LAYOUT: tl.constexpr):
+    """Per-token facts for token indices n (a vector; n >= N are tile padding) of window wi, head h.
+
+    Returns (A, region, real, row_qkv, row_o): the bias coordinate A(n), the mask region code, whether
+    the token is real (in the window and, in token layout, inside the unpadded grid), and the element
+    offsets of its (q/k/v) and (o) rows.
+    """
+    N: tl.constexpr = WD * WH * WW
+    inwin = n < N
+    nc = tl.minimum(n, N - 1)  # keep the padding rows' coordinates (and table indices) in range
+    td = nc // (WH * WW)
+    th = (nc // WW) % WH
+    tw = nc % WW
+    a = td * TSD + th * TSH + tw
+    nws = nWd * nWh * nWw
+    b = wi // nws
+    wl = wi - b * nws
+    wdi = wl // (nWh * nWw)
+    whi = (wl // nWw) % nWh
+    wwi = wl % nWw
+    # region code: a token is in the "tail" region of an axis (t >= w - mask shift) only in the last window
+    # along that axis; a zero mask shift makes the comparison false everywhere
+    region = ((td >= WD - MD) & (wdi == nWd - 1)).to(tl.int32) * 4
+    region += ((th >= WH - MH) & (whi == nWh - 1)).to(tl.int32) * 2
+    region += ((tw >= WW - MW) & (wwi == nWw - 1)).to(tl.int32)
+    if LAYOUT % 2 == 1:
+        od = wdi * WD + td + SD
+        oh = whi * WH + th + SH
+        ow = wwi * WW + tw + SW
+        od = tl.where(od >= nWd * WD, od - nWd * WD, od)
+        oh = tl.where(oh >= nWh * WH, oh - nWh * WH, oh)
+        ow = tl.where(ow >= nWw * WW, ow - nWw * WW, ow)
+        real = inwin & (od < D) & (oh < H) & (ow < W)
+        tok = ((b * D + od) * H + oh) * W + ow
+        if LAYOUT >= 2:
+            tok = tok.to(tl.int64)
+        row_qkv = tok * (3 * NH * DH) + h * DH
+        row_o = tok * (NH * DH) + h * DH
+    else:
+        real = inwin
+        wh = wi * NH + h
+        if LAYOUT >= 2:
+            wh = wh.to(tl.int64)
+        row_qkv = (wh * N + nc) * DH
+        row_o = row_qkv
+    return a, region, real, row_qkv, row_o
+
+
+@triton.jit
+def _load_kv(K, V, KVP, h, n, real, row, dcol, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, HAS_PAD,
+             IEEE: tl.constexpr):
+    k = tl.load(K + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+    v = tl.load(V + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+    if HAS_PAD:  # runtime flag: the grid is padded (token layout)
+        pad = (n < N) & (real == 0)
+        kp = tl.load(KVP + h * DH + dcol)
+        vp = tl.load(KVP + NH * DH + h * DH + dcol)
+        k = tl.where(pad[:, None], _cvt(kp[None, :], k.dtype, IEEE), k)
+        v = tl.where(pad[:, None], _cvt(vp[None, :], v.dtype, IEEE), v)
+    return k, v
+
+
+@triton.jit
+def _bias_tile(bias_h, rows, c0, BC: tl.constexpr, NP: tl.constexpr):
+    """Bias tile (exp2 domain, fp32) of token rows `rows` against columns c0 .. c0 + BC, read from this
+    head's expanded (NP, NP) plane: contiguous rows (vector loads that stay in L1/L2 across windows), and
+    padded columns hold -inf, so padded keys (or queries, in the transposed planes) drop out without a mask."""
+    cols = c0 + tl.arange(0, BC)
+    return tl.load(bias_h + rows[:, None] * NP + cols[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _bias_tiles(bias_h, rows, BC: tl.constexpr, NCF: tl.constexpr, BCT: tl.constexpr, NP: tl.constexpr):
+    """The bias tiles of fixed rows against every column tile (NCF full tiles of BC, then a tail of BCT
+    if BCT > 0), as a tuple: loaded once per program and reused for all its windows."""
+    tiles = ()
+    for ct in tl.static_range(NCF):
+        tiles = tiles + (_bias_tile(bias_h, rows, ct * BC, BC, NP),)
+    if BCT > 0:
+        tiles = tiles + (_bias_tile(bias_h, rows, NCF * BC, BCT, NP),)
+    return tiles
+
+
+# runtime scalars that must not be specialized (one compiled kernel per window geometry, not per value)
+_RUNTIME = ["D", "H", "W", "nWd", "nWh", "nWw", "SD", "SH", "SW", "MD", "MH", "MW", "HAS_PAD", "zero"]
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+               TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
+               MD, MH, MW, LAYOUT: tl.constexpr,
+               HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nk = k0 + tl.arange(0, BLOCK_N)
+    _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                       SD, SH, SW, MD, MH, MW, LAYOUT)
+    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+    # scores in the exp2 domain: q.k * scale * log2(e) + bias (the table is pre-scaled by log2(e))
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
+    # shift mask from region codes, only in windows that have one
+    if masked:
+        s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(_cvt(p, v.dtype, IEEE), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero,
+              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+              SD, SH, SW,
+              MD, MH, MW, LAYOUT: tl.constexpr,
+              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nq = q0 + tl.arange(0, BLOCK_M)
+    bias_h = TAB + h * (NP * NP)
+    # 1. HOIST: the bias of this query tile against every key tile, gathered once for all WPP windows
+    if HOIST:
+        bias = _bias_tiles(bias_h, nq, BN, NKF, BNT, NP)
+    for wl in range(WPP):
+        wi = r * WPP + wl
+        _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                               SD, SH, SW, MD, MH, MW, LAYOUT)
+        q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, DH), tl.float32)
+        # 2. online softmax over the key tiles (exp2 domain)
+        if HOIST:
+            for kt in tl.static_range(NKF):
+                m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[kt], m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
+            if BNT > 0:
+                m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[NKF], m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
+        else:
+            a_qw = nq + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
+            for kt in range(NKF):
+                b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
+                m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
+            if BNT > 0:
+                b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
+                m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
+        o = acc / l_i[:, None]
+        tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
+        tl.store(LSE + (wi * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
+def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, D, H, W, nWd, nWh, nWw, qk_scale, zero,
+                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+                SD, SH, SW,
+                MD, MH, MW, LAYOUT: tl.constexpr,
+                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
+                BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
+                BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    pid = tl.program_id(0)
+    qt = pid % NQT
+    h = (pid // NQT) % NH
+    r = pid // (NQT * NH)
+    if qt < NQF:
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD, WH,
+                  WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BM, BN, NKF, BNT)
+    elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD,
+                  WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BMT, BN, NKF,
+                  BNT)
+
+
+# ----------------------------------------------------------------------------- backward: dQ and delta
+@triton.jit
+def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
+              MD, MH, MW, LAYOUT: tl.constexpr,
+              HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nk = k0 + tl.arange(0, BLOCK_N)
+    _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                       SD, SH, SW, MD, MH, MW, LAYOUT)
+    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
+    if masked:
+        s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])  # dL/d(score), natural units
+    return dq + _dot(_cvt(ds, k.dtype, IEEE), k, IEEE)
+
+
+@triton.jit
+def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale, zero,
+             NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nq = q0 + tl.arange(0, BLOCK_M)
+    bias_h = TAB + h * (NP * NP)
+    for wl in range(WPP):
+        wi = r * WPP + wl
+        _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                               SD, SH, SW, MD, MH, MW, LAYOUT)
+        masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
+        # 1. delta = rowsum(dO * O) for this query tile, kept for the bias-gradient and dK/dV kernels
+        q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        o = tl.load(O + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lrow = (wi * NH + h).to(tl.int64) * N + nq
+        tl.store(DELTA + lrow, delta, mask=nq < N)
+        lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))
+        nqw = nq + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop (L1 hits)
+        # 2. dQ over the key tiles, in registers
+        dq = tl.zeros((BLOCK_M, DH), tl.float32)
+        for kt in range(NKF):
+            b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
+            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, kt * BN, wi, h, masked, qk_scale, D, H, W,
+                           nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
+                           IEEE, BN)
+        if BNT > 0:
+            b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
+            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, NKF * BN, wi, h, masked, qk_scale, D, H, W,
+                           nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
+                           IEEE, BNT)
+        tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
+                 mask=real_q[:, None])
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
+def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale, zero,
+                   NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+                   BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
+                   BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    pid = tl.program_id(0)
+    qt = pid % NQT
+    h = (pid // NQT) % NH
+    r = pid // (NQT * NH)
+    if qt < NQF:
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale,
+                 zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
+    elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
+                 sm_scale, zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
+
+
+# ----------------------------------------------------------------------------- backward: bias-gradient partials
+@triton.jit
+def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
+                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
+    the bias gradient is reduced over windows before anything is written (one plane per range, no atomics)."""
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nq = q0 + tl.arange(0, BLOCK_M)
+    nk = k0 + tl.arange(0, BLOCK_N)
+    bias = _bias_tile(TAB + h * (NP * NP), nq, k0, BLOCK_N, NP)  # window-invariant: loaded once
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for wl in range(WPP):
+        wi = r * WPP + wl
+        _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                               SD, SH, SW, MD, MH, MW, LAYOUT)
+        _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                           SD, SH, SW, MD, MH, MW, LAYOUT)
+        q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+        lrow = (wi * NH + h).to(tl.int64) * N + nq
+        lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))  # padded query rows: p = 0
+        delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
+        if _win_masked(wi, nWd, nWh, nWw, MD, MH, MW):
+            s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        acc += p * (dp - delta[:, None])
+    base = DBP + (r * NH + h).to(tl.int64) * (NQP * NKP)
+    tl.store(base + nq[:, None] * NKP + nk[None, :], acc)
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
+def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, D, H, W, nWd, nWh, nWw, qk_scale, zero,
+                      NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
+                      BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
+                      BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
+    pid = tl.program_id(0)
+    qt = pid % NQT
+    kt = (pid // NQT) % NKT
+    h = (pid // (NQT * NKT)) % NH
+    r = pid // (NQT * NKT * NH)
+    if qt < NQF:
+        if kt < NKF:
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, D, H, W, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
+        elif BNT > 0:
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, D, H, W, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
+    elif BMT > 0:
+        if kt < NKF:
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, D, H, W, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
+        elif BNT > 0:
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, D, H, W, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
+
+
+# ----------------------------------------------------------------------------- backward: dK, dV
+@triton.jit
+def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
+              MD, MH, MW, LAYOUT: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nq = q0 + tl.arange(0, BLOCK_M)
+    _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                           SD, SH, SW, MD, MH, MW, LAYOUT)
+    q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+    do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+    lrow = (wi * NH + h).to(tl.int64) * N + nq
+    lse = tl.load(LSE + lrow, mask=nq < N, other=0.0)
+    delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
+    # transposed scores: rows = keys, columns = queries (padded query columns are -inf in the bias)
+    st = _dot(k, tl.trans(q), IEEE) * qk_scale + bias
+    if masked:
+        st = tl.where(reg_k[:, None] != reg_q[None, :], st + MASK2, st)
+    pt = tl.math.exp2(st - lse[None, :])
+    dv += _dot(_cvt(pt, do.dtype, IEEE), do, IEEE)
+    dpt = _dot(v, tl.trans(do), IEEE)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(_cvt(dst, q.dtype, IEEE), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
+               sm_scale, zero,
+               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+               TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+               SD, SH, SW,
+               MD, MH, MW, LAYOUT: tl.constexpr,
+               HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr, NKT: tl.constexpr,
+               BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, BLOCK_N: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    nk = k0 + tl.arange(0, BLOCK_N)
+    bias_h = TAB + h * (NP * NP)
+    # 1. HOIST: transposed bias tiles (rows = these keys, columns = every query tile), gathered once
+    if HOIST:
+        bias = _bias_tiles(bias_h, nk, BM, NQF, BMT, NP)
+    dkp = tl.zeros((DH,), tl.float32)
+    dvp = tl.zeros((DH,), tl.float32)
+    for wl in range(WPP):
+        wi = r * WPP + wl
+        _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
+                                           SD, SH, SW, MD, MH, MW, LAYOUT)
+        k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+        masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
+        dk = tl.zeros((BLOCK_N, DH), tl.float32)
+        dv = tl.zeros((BLOCK_N, DH), tl.float32)
+        # 2. every query tile of the window: dK, dV in registers
+        if HOIST:
+            for qt in tl.static_range(NQF):
+                dk, dv = _kv_qstep(k, v, reg_k, bias[qt], dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   MW, LAYOUT, IEEE, BM)
+            if BMT > 0:
+                dk, dv = _kv_qstep(k, v, reg_k, bias[NQF], dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   MW, LAYOUT, IEEE, BMT)
+        else:
+            a_kw = nk + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
+            for qt in range(NQF):
+                b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
+                dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   MW, LAYOUT, IEEE, BM)
+            if BMT > 0:
+                b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
+                dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   MW, LAYOUT, IEEE, BMT)
+        dk = dk * sm_scale
+        tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
+        tl.store(DV + row_k[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=real_k[:, None])
+        if HAS_PAD:
+            # 3. padded tokens' k, v are kv_pad: their gradients are summed into this program's partial
+            pad = ((nk < N) & (real_k == 0))[:, None]
+            dkp += tl.sum(tl.where(pad, dk, 0.0), 0)
+            dvp += tl.sum(tl.where(pad, dv, 0.0), 0)
+    if HAS_PAD:
+        base = DKVP + ((r * NH + h).to(tl.int64) * NKT + kt) * (2 * DH)
+        tl.store(base + dcol, dkp)
+        tl.store(base + DH + dcol, dvp)
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
+def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale,
+                     zero,
+                     NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                     TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+                     SD, SH, SW,
+                     MD, MH, MW, LAYOUT: tl.constexpr,
+                     HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
+                     BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
+                     BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
+    pid = tl.program_id(0)
+    kt = pid % NKT
+    h = (pid // NKT) % NH
+    r = pid // (NKT * NH)
+    if kt < NKF:
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, D, H, W, nWd, nWh, nWw,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
+                   HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BN)
+    elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, D, H, W, nWd, nWh, nWw,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
+                   HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BNT)
+
+
+# ----------------------------------------------------------------------------- bias-table gradient gather
+@triton.jit
+def _table_grad_kernel(DBP, ORDER, OFFS, DT, L, NH: tl.constexpr, R: tl.constexpr, PLANE: tl.constexpr,
+                       MAXC: tl.constexpr, BL: tl.constexpr, CH: tl.constexpr):
+    """DT[l, h] = sum_r sum_{c < count(l)} DBP[r, h].flat[ORDER[OFFS[l] + c]], in a fixed order."""
+    lb = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = lb * BL + tl.arange(0, BL)
+    live = rows < L
+    start = tl.load(OFFS + rows, mask=live, other=0)
+    end = tl.load(OFFS + rows + 1, mask=live, other=0)
+    acc = tl.zeros((BL,), tl.float32)
+    for c in range(0, MAXC, CH):
+        j = start[:, None] + c + tl.arange(0, CH)[None, :]
+        m = j < end[:, None]
+        pair = tl.load(ORDER + j, mask=m, other=0)
+        for r in range(R):
+            vals = tl.load(DBP + (r * NH + h).to(tl.int64) * PLANE + pair, mask=m, other=0.0)
+            acc += tl.sum(vals, 1)
+    tl.store(DT + rows * NH + h, acc, mask=live)

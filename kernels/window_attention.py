@@ -1,0 +1,511 @@
+"""Fused shifted-window 3D attention with relative position bias (Triton), forward and backward.
+
+Public entry points (called by :mod:`bevt.ops.window_attention` for ``backend="triton"``):
+
+* :func:`window_attention` (q, k, v (BW, nh, N, d) windows) -> (BW, nh, N, d)
+* :func:`window_attention_tokens` (qkv (B, D, H, W, 3, nh, d) token layout) -> (B, D, H, W, nh, d): pad,
+  roll and window partition happen by coordinate arithmetic inside the kernels, nothing is copied.
+
+Both are ``torch.library.custom_op`` s (``bevt::window_attention_{windows,tokens}_{fwd,bwd}``) with fake
+implementations and registered autograd, so ``torch.compile`` traces through them without graph breaks.
+Differentiable w.r.t. q, k, v (qkv), the bias table and kv_pad. Every kernel writes each output once,
+without atomics: outputs and all gradients (the bias-table gradient included) are bitwise deterministic.
+
+Shape legend: B batch, D/H/W token grid, BW windows, nh heads, N tokens per window, d head dim,
+L table rows. See ``_window_attention_triton`` for the kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from bevt.kernels import _window_attention_triton as _k
+from bevt.ops import backend as _be
+
+LOG2E = _k.LOG2E
+
+
+# ----------------------------------------------------------------------------- launch configuration
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes and warps of the three main kernels (pinned: no autotuning, no compile-time search)."""
+
+    fwd_bm: int = 64
+    fwd_bn: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    fwd_hoist: bool = False  # load the window-invariant bias tiles once per program (registers)
+    dq_bm: int = 64
+    dq_bn: int = 64
+    dq_warps: int = 4
+    dq_stages: int = 2
+    db_bm: int = 64  # bias-gradient kernel: one fp32 register tile per (query tile, key tile) pair
+    db_bn: int = 64
+    db_warps: int = 4
+    db_stages: int = 2
+    kv_bm: int = 64
+    kv_bn: int = 64
+    kv_warps: int = 4
+    kv_stages: int = 2
+    kv_hoist: bool = False
+    fwd_programs: int = 1024  # target programs per kernel: sets the windows each program loops over
+    dq_programs: int = 1024
+    db_programs: int = 2048  # (the bias-gradient kernel's ranges also set how many partials exist)
+    kv_programs: int = 1024
+    dbp_max_bytes: int = 64 << 20  # cap of the bias-gradient partials (fewer ranges if exceeded)
+    maxnreg: int = 0  # register cap per thread for all kernels (0: the compiler's choice)
+
+
+GPU_CONFIG = Config()
+# the interpreter runs programs one by one in numpy: small tiles exercise the tail logic at little cost
+INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1)
+_config_override: Config | None = None
+
+
+def set_config(config: Config | None) -> None:
+    """Override the launch configuration (benchmark sweeps); None restores the defaults."""
+    global _config_override
+    _config_override = config
+
+
+def _config(device: torch.device, n_tokens: int) -> Config:
+    if _config_override is not None:
+        return _config_override
+    return INTERPRETER_CONFIG if device.type == "cpu" else GPU_CONFIG
+
+
+def _split(n: int, block: int) -> tuple[int, int]:
+    """(full tiles, tail tile size or 0): n tokens as full tiles of `block` plus one power-of-2 tail >= 16."""
+    full = n // block
+    rem = n - full * block
+    return full, (0 if rem == 0 else max(16, triton_next_pow2(rem)))
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def _windows_per_program(bw: int, programs_per_range: int, target_programs: int) -> int:
+    """Windows each program loops over: a divisor of bw giving about target_programs programs."""
+    ranges = max(1, min(bw, -(-target_programs // programs_per_range)))
+    return _largest_divisor_at_most(bw, -(-bw // ranges))
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    cap = max(1, min(n, cap))
+    for d in range(cap, 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclasses.dataclass(frozen=True)
+class _Geo:
+    ws: tuple[int, int, int]
+    ts: tuple[int, int, int]
+    ss: tuple[int, int, int]  # roll shift (token layout only)
+    ms: tuple[int, int, int]  # mask shift
+    grid: tuple[int, int, int]  # real grid (D, H, W); token layout only
+    nwin: tuple[int, int, int]  # windows per axis
+    bw: int
+    nh: int
+    d: int
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.ws)
+
+    def constexprs(self) -> dict:
+        wd, wh, ww = self.ws
+        td, th, tw = self.ts
+        tsd, tsh = (2 * th - 1) * (2 * tw - 1), 2 * tw - 1
+        return dict(NH=self.nh, DH=self.d, WD=wd, WH=wh, WW=ww, TSD=tsd, TSH=tsh)
+
+    @property
+    def table_rows(self) -> int:
+        td, th, tw = self.ts
+        return (2 * td - 1) * (2 * th - 1) * (2 * tw - 1)
+
+    def shifts(self) -> dict:
+        """Roll and mask shifts: run-time arguments (shifted and unshifted blocks share a kernel)."""
+        return dict(SD=self.ss[0], SH=self.ss[1], SW=self.ss[2], MD=self.ms[0], MH=self.ms[1], MW=self.ms[2])
+
+    def runtime(self) -> tuple:
+        return (*self.grid, *self.nwin)
+
+
+def _padded_extent(n: int, cfg: Config) -> int:
+    """Rows (= columns) of the expanded bias planes: covers every full and tail tile of all three kernels."""
+    ext = 0
+    for block in (cfg.fwd_bm, cfg.fwd_bn, cfg.dq_bm, cfg.dq_bn, cfg.db_bm, cfg.db_bn, cfg.kv_bm, cfg.kv_bn):
+        full, tail = _split(n, block)
+        ext = max(ext, full * block + tail)
+    return ext
+
+
+@functools.lru_cache(maxsize=32)
+def _relative_index(ws: tuple, ts: tuple, device_str: str) -> torch.Tensor:
+    from bevt.ops.window_attention import relative_position_index
+
+    return relative_position_index(ws, ts).to(device_str)
+
+
+def _expand_bias(bias_table: torch.Tensor, geo: "_Geo", np_: int, dtype: torch.dtype,
+                 transposed: bool = False) -> torch.Tensor:
+    """(L, nh) table -> (nh, NP, NP) bias planes in the exp2 domain (x log2 e), padded columns -inf.
+
+    Why expand: every score needs its bias; a gather from the table per score costs one scattered load per
+    element, while a plane row is contiguous (vector loads) and the planes of all heads (a few MB) stay in
+    L2 for every window. fp16 for half-precision inputs (3 more mantissa bits than bf16; the values are
+    small), fp32 for fp32 inputs. ``transposed``: plane[j, i] = bias(i, j), for the dK/dV kernel whose tiles
+    have keys as rows.
+    """
+    idx = _relative_index(geo.ws, geo.ts, str(bias_table.device))
+    n = geo.n
+    planes = bias_table.detach().t().to(torch.float32)[:, idx] * LOG2E  # (nh, N, N)
+    if transposed:
+        planes = planes.transpose(1, 2)
+    out = torch.zeros((geo.nh, np_, np_), device=bias_table.device, dtype=dtype)
+    out[:, :, n:] = float("-inf")  # padded columns (keys; queries when transposed) drop out of the softmax
+    out[:, :n, :n] = planes  # padded rows stay finite: their results are never stored
+    return out
+
+
+def _plane_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+def interpreter_ready() -> bool:
+    """True when these kernels were defined in interpreter mode (CPU tensors can run them): TRITON_INTERPRET=1
+    must be set before triton is first imported and when this module is imported."""
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+
+    return isinstance(_k._fwd_kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
+
+
+def _ieee(dtype: torch.dtype) -> int:
+    """Kernel IEEE code: 2 in the interpreter (exact dots, bf16 rounded to nearest by hand), 1 for fp32
+    inputs (exact fp32 products, not tf32), 0 otherwise (tensor-core dots in the input dtype)."""
+    if _be.triton_interpreting():
+        return 2
+    return 1 if dtype == torch.float32 else 0
+
+
+@functools.lru_cache(maxsize=32)
+def _pairs_by_row(ws: tuple, ts: tuple, nkp: int, device_str: str):
+    """CSR of the (i, j) pairs of each table row: (order int32, offsets int32 (L+1), max count)."""
+    from bevt.ops.window_attention import relative_position_index, table_length
+
+    idx = relative_position_index(ws, ts).view(-1)
+    n = math.prod(ws)
+    i = torch.arange(n).repeat_interleave(n)
+    j = torch.arange(n).repeat(n)
+    order = torch.argsort(idx, stable=True)
+    flat = (i * nkp + j)[order].to(torch.int32)
+    counts = torch.bincount(idx, minlength=table_length(ts))
+    offs = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    offs[1:] = torch.cumsum(counts, 0)
+    return flat.to(device_str), offs.to(torch.int32).to(device_str), int(counts.max())
+
+
+# ----------------------------------------------------------------------------- launch specs + launchers
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """How one kernel is launched for a geometry: grid, compile-time arguments, warps, stages, and the host
+    facts the launcher needs (windows per program, ranges, padded tile rows). Used by the launchers and by
+    the offline compile check of ``benchmarks/gpu_window_attention.py``."""
+
+    kernel: object
+    grid: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    facts: dict
+    maxnreg: int = 0
+
+
+@functools.lru_cache(maxsize=256)  # host time: a Swin step launches these for a few geometries, many times
+def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Config) -> dict[str, LaunchSpec]:
+    """Specs of the "fwd", "dq", "db" (bias-gradient partials) and "dkdv" kernels."""
+    layout = int(tokens) + (2 if big else 0)
+    common = dict(**geo.constexprs(), NP=_padded_extent(geo.n, cfg), LAYOUT=layout, IEEE=_ieee(dtype))
+    specs = {}
+    # forward: programs (query tile, head, range of windows)
+    nqf, bmt = _split(geo.n, cfg.fwd_bm)
+    nkf, bnt = _split(geo.n, cfg.fwd_bn)
+    nqt = nqf + (1 if bmt else 0)
+    wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.fwd_programs)
+    specs["fwd"] = LaunchSpec(_k._fwd_kernel, (geo.bw // wpp * geo.nh * nqt,),
+                              dict(common, WPP=wpp, HOIST=cfg.fwd_hoist, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
+                                   BN=cfg.fwd_bn, NKF=nkf, BNT=bnt), cfg.fwd_warps, cfg.fwd_stages, {})
+    # dQ + delta: programs (query tile, head, range of windows)
+    nqf, bmt = _split(geo.n, cfg.dq_bm)
+    nkf, bnt = _split(geo.n, cfg.dq_bn)
+    nqt = nqf + (1 if bmt else 0)
+    wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.dq_programs)
+    specs["dq"] = LaunchSpec(_k._bwd_dq_kernel, (geo.bw // wpp * geo.nh * nqt,),
+                             dict(common, WPP=wpp, BM=cfg.dq_bm, NQF=nqf, BMT=bmt, NQT=nqt, BN=cfg.dq_bn, NKF=nkf,
+                                  BNT=bnt), cfg.dq_warps, cfg.dq_stages, {})
+    # bias-gradient partials: programs (query tile, key tile, head, range of windows); one plane per range
+    nqf, bmt = _split(geo.n, cfg.db_bm)
+    nkf, bnt = _split(geo.n, cfg.db_bn)
+    nqt, nkt = nqf + (1 if bmt else 0), nkf + (1 if bnt else 0)
+    nqp, nkp = nqf * cfg.db_bm + bmt, nkf * cfg.db_bn + bnt
+    per_range = nqt * nkt * geo.nh
+    max_ranges = max(1, cfg.dbp_max_bytes // (geo.nh * nqp * nkp * 4))
+    wpp = _windows_per_program(geo.bw, per_range, min(cfg.db_programs, max_ranges * per_range))
+    ranges = geo.bw // wpp
+    specs["db"] = LaunchSpec(_k._bwd_dbias_kernel, (ranges * per_range,),
+                             dict(common, WPP=wpp, NQP=nqp, NKP=nkp, BM=cfg.db_bm, NQF=nqf, BMT=bmt, NQT=nqt,
+                                  BN=cfg.db_bn, NKF=nkf, BNT=bnt, NKT=nkt), cfg.db_warps, cfg.db_stages,
+                             dict(ranges=ranges, nqp=nqp, nkp=nkp))
+    # dK, dV (+ kv_pad partials): programs (key tile, head, range of windows)
+    nqf, bmt = _split(geo.n, cfg.kv_bm)
+    nkf, bnt = _split(geo.n, cfg.kv_bn)
+    nkt = nkf + (1 if bnt else 0)
+    wpp = _windows_per_program(geo.bw, nkt * geo.nh, cfg.kv_programs)
+    specs["dkdv"] = LaunchSpec(_k._bwd_dkdv_kernel, (geo.bw // wpp * geo.nh * nkt,),
+                               dict(common, WPP=wpp, HOIST=cfg.kv_hoist, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
+                                    NKF=nkf, BNT=bnt, NKT=nkt), cfg.kv_warps, cfg.kv_stages,
+                               dict(ranges=geo.bw // wpp, nkt=nkt))
+    if cfg.maxnreg:
+        specs = {name: dataclasses.replace(spec, maxnreg=cfg.maxnreg) for name, spec in specs.items()}
+    return specs
+
+
+def _big(q: torch.Tensor) -> bool:
+    """64-bit element offsets: the storage the kernels index holds 2**31 elements or more."""
+    return q.untyped_storage().nbytes() // q.element_size() >= 2 ** 31 - 1
+
+
+def _launch(spec: LaunchSpec, *args, **runtime):
+    if spec.maxnreg:
+        runtime["maxnreg"] = spec.maxnreg
+    spec.kernel[spec.grid](*args, **runtime, **spec.constexprs, num_warps=spec.num_warps,
+                           num_stages=spec.num_stages)
+
+
+def _launch_fwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, lse, scale: float, has_pad: bool):
+    spec = launch_specs(geo, tokens, q.dtype, _big(q), _config(q.device, geo.n))["fwd"]
+    planes = _expand_bias(bias_table, geo, spec.constexprs["NP"], _plane_dtype(q.dtype))
+    _launch(spec, q, k, v, planes if kvp is None else kvp, planes, o, lse, *geo.runtime(), scale * LOG2E, 0, **geo.shifts(),
+            HAS_PAD=int(has_pad))
+
+
+def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, dq, dk, dv, scale: float,
+                has_pad: bool):
+    """Runs the backward kernels; returns (dtable (L, nh), dkv_pad (2, nh, d) fp32 or None)."""
+    dev = q.device
+    specs = launch_specs(geo, tokens, q.dtype, _big(q), _config(dev, geo.n))
+    rt = dict(**geo.shifts(), HAS_PAD=int(has_pad))
+    np_, pdt = specs["dq"].constexprs["NP"], _plane_dtype(q.dtype)
+    planes = _expand_bias(bias_table, geo, np_, pdt)
+    kvp = planes if kvp is None else kvp  # windowed layout: no kv_pad (any valid pointer)
+    delta = torch.empty_like(lse)
+    # 1. dQ + delta
+    _launch(specs["dq"], q, k, v, kvp, planes, o, do, lse, delta, dq, *geo.runtime(), scale * LOG2E, scale, 0, **rt)
+    # 2. bias partials (one fp32 (nqp, nkp) plane per range of windows and head)
+    f = specs["db"].facts
+    dbp = torch.empty(f["ranges"], geo.nh, f["nqp"], f["nkp"], device=dev, dtype=torch.float32)
+    _launch(specs["db"], q, k, v, kvp, planes, do, lse, delta, dbp, *geo.runtime(), scale * LOG2E, 0, **rt)
+    # 3. dK, dV (+ kv_pad partials, one per program)
+    g = specs["dkdv"].facts
+    dkvp = torch.empty(g["ranges"] * geo.nh * g["nkt"] * 2 * geo.d if has_pad else 1, device=dev,
+                       dtype=torch.float32)
+    planes_t = _expand_bias(bias_table, geo, np_, pdt, transposed=True)
+    _launch(specs["dkdv"], q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *geo.runtime(), scale * LOG2E, scale,
+            0, **rt)
+    # 4. bias-table gradient: gather the partials by table row, in a fixed order
+    L = geo.table_rows
+    order, offs, maxc = _pairs_by_row(geo.ws, geo.ts, f["nkp"], str(dev))
+    dt = torch.empty(L, geo.nh, device=dev, dtype=torch.float32)
+    bl, ch = 32, 64
+    _k._table_grad_kernel[(triton_cdiv(L, bl), geo.nh)](dbp, order, offs, dt, L, NH=geo.nh, R=f["ranges"],
+                                                        PLANE=f["nqp"] * f["nkp"], MAXC=maxc, BL=bl, CH=ch,
+                                                        num_warps=4)
+    dkv_pad = None
+    if has_pad:
+        dkv_pad = dkvp.view(g["ranges"], geo.nh, g["nkt"], 2, geo.d).sum((0, 2)).permute(1, 0, 2)
+    return dt.to(bias_table.dtype), dkv_pad
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- token layout: geometry + ops
+def _tokens_geo(qkv: torch.Tensor, ws, ss, ts, ms) -> _Geo:
+    B, D, H, W, _, nh, d = qkv.shape
+    nwin = tuple(-(-g // w) for g, w in zip((D, H, W), ws))
+    return _Geo(tuple(ws), tuple(ts), tuple(ss), tuple(ms), (D, H, W), nwin, B * math.prod(nwin), nh, d)
+
+
+def _is_padded(geo: _Geo) -> bool:
+    return any(nw * w != g for nw, w, g in zip(geo.nwin, geo.ws, geo.grid))
+
+
+@torch.library.custom_op("bevt::window_attention_tokens_fwd", mutates_args=())
+def _tokens_fwd(qkv: torch.Tensor, bias_table: torch.Tensor, kv_pad: torch.Tensor, window_size: list[int],
+                shift_size: list[int], table_window_size: list[int], mask_shift_size: list[int],
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = _tokens_geo(qkv, window_size, shift_size, table_window_size, mask_shift_size)
+    qkv = qkv.contiguous()
+    B, D, H, W = qkv.shape[:4]
+    o = torch.empty(B, D, H, W, geo.nh, geo.d, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(geo.bw, geo.nh, geo.n, device=qkv.device, dtype=torch.float32)
+    q, k, v = qkv.unbind(4)
+    _launch_fwd(geo, True, q, k, v, kv_pad.contiguous(), bias_table, o, lse, scale, _is_padded(geo))
+    return o, lse
+
+
+@_tokens_fwd.register_fake
+def _(qkv, bias_table, kv_pad, window_size, shift_size, table_window_size, mask_shift_size, scale):
+    geo = _tokens_geo(qkv, window_size, shift_size, table_window_size, mask_shift_size)
+    B, D, H, W = qkv.shape[:4]
+    return (qkv.new_empty(B, D, H, W, geo.nh, geo.d),
+            qkv.new_empty(geo.bw, geo.nh, geo.n, dtype=torch.float32))
+
+
+@torch.library.custom_op("bevt::window_attention_tokens_bwd", mutates_args=())
+def _tokens_bwd(do: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor, kv_pad: torch.Tensor,
+                o: torch.Tensor, lse: torch.Tensor, window_size: list[int], shift_size: list[int],
+                table_window_size: list[int], mask_shift_size: list[int],
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    geo = _tokens_geo(qkv, window_size, shift_size, table_window_size, mask_shift_size)
+    qkv = qkv.contiguous()
+    has_pad = _is_padded(geo)
+    # every real token belongs to exactly one window: each dqkv element is written exactly once
+    dqkv = torch.empty_like(qkv)
+    q, k, v = qkv.unbind(4)
+    dq, dk, dv = dqkv.unbind(4)
+    dt, dkv = _launch_bwd(geo, True, q, k, v, kv_pad.contiguous(), bias_table, o.contiguous(),
+                          do.contiguous(), lse, dq, dk, dv, scale, has_pad)
+    dkv_pad = dkv.to(kv_pad.dtype) if dkv is not None else torch.zeros_like(kv_pad)
+    return dqkv, dt, dkv_pad
+
+
+@_tokens_bwd.register_fake
+def _(do, qkv, bias_table, kv_pad, o, lse, window_size, shift_size, table_window_size, mask_shift_size, scale):
+    return torch.empty_like(qkv), torch.empty_like(bias_table), torch.empty_like(kv_pad)
+
+
+def _tokens_setup(ctx, inputs, output):
+    qkv, bias_table, kv_pad, ws, ss, ts, ms, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, bias_table, kv_pad, o, lse)
+    ctx.geo = (ws, ss, ts, ms, scale)
+
+
+def _tokens_backward(ctx, do, _dlse):
+    qkv, bias_table, kv_pad, o, lse = ctx.saved_tensors
+    ws, ss, ts, ms, scale = ctx.geo
+    dqkv, dt, dkv = torch.ops.bevt.window_attention_tokens_bwd(do, qkv, bias_table, kv_pad, o, lse, ws, ss, ts, ms,
+                                                               scale)
+    return dqkv, dt, dkv, None, None, None, None, None
+
+
+_tokens_fwd.register_autograd(_tokens_backward, setup_context=_tokens_setup)
+
+
+# ----------------------------------------------------------------------------- windowed layout: geometry + ops
+def _windows_geo(q: torch.Tensor, ws, ts, padded_grid, ms) -> _Geo:
+    bw, nh, _, d = q.shape
+    if padded_grid:
+        nwin = tuple(p // w for p, w in zip(padded_grid, ws))
+        grid = tuple(padded_grid)
+    else:
+        nwin, grid = (1, 1, 1), tuple(ws)
+    return _Geo(tuple(ws), tuple(ts), (0, 0, 0), tuple(ms), grid, nwin, bw, nh, d)
+
+
+@torch.library.custom_op("bevt::window_attention_windows_fwd", mutates_args=())
+def _windows_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                 window_size: list[int], table_window_size: list[int], padded_grid: list[int],
+                 mask_shift_size: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = _windows_geo(q, window_size, table_window_size, padded_grid, mask_shift_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty(geo.bw, geo.nh, geo.n, device=q.device, dtype=torch.float32)
+    _launch_fwd(geo, False, q, k, v, None, bias_table, o, lse, scale, False)
+    return o, lse
+
+
+@_windows_fwd.register_fake
+def _(q, k, v, bias_table, window_size, table_window_size, padded_grid, mask_shift_size, scale):
+    bw, nh, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty(bw, nh, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("bevt::window_attention_windows_bwd", mutates_args=())
+def _windows_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                 o: torch.Tensor, lse: torch.Tensor, window_size: list[int], table_window_size: list[int],
+                 padded_grid: list[int], mask_shift_size: list[int],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    geo = _windows_geo(q, window_size, table_window_size, padded_grid, mask_shift_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dt, _ = _launch_bwd(geo, False, q, k, v, None, bias_table, o.contiguous(), do.contiguous(), lse, dq, dk, dv, scale,
+                        False)
+    return dq, dk, dv, dt
+
+
+@_windows_bwd.register_fake
+def _(do, q, k, v, bias_table, o, lse, window_size, table_window_size, padded_grid, mask_shift_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias_table)
+
+
+def _windows_setup(ctx, inputs, output):
+    q, k, v, bias_table, ws, ts, pg, ms, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, bias_table, o, lse)
+    ctx.geo = (ws, ts, pg, ms, scale)
+
+
+def _windows_backward(ctx, do, _dlse):
+    q, k, v, bias_table, o, lse = ctx.saved_tensors
+    ws, ts, pg, ms, scale = ctx.geo
+    dq, dk, dv, dt = torch.ops.bevt.window_attention_windows_bwd(do, q, k, v, bias_table, o, lse, ws, ts, pg, ms,
+                                                                 scale)
+    return dq, dk, dv, dt, None, None, None, None, None
+
+
+_windows_fwd.register_autograd(_windows_backward, setup_context=_windows_setup)
+
+
+# ----------------------------------------------------------------------------- public functions
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor, *,
+                     window_size: Sequence[int], table_window_size: Sequence[int],
+                     padded_grid: Sequence[int] | None, mask_shift_size: Sequence[int],
+                     scale: float | None) -> torch.Tensor:
+    """Windowed layout: q, k, v (BW, nh, N, d), bias_table (L, nh) -> (BW, nh, N, d).
+
+    Arguments as :func:`bevt.ops.window_attention.window_attention` (already validated there).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ms = [int(s) for s in mask_shift_size]
+    pg = [int(p) for p in padded_grid] if (padded_grid is not None and any(ms)) else []
+    o, _ = _windows_fwd(q, k, v, bias_table, [int(w) for w in window_size], [int(t) for t in table_window_size],
+                        pg, ms, scale)
+    return o
+
+
+def window_attention_tokens(qkv: torch.Tensor, bias_table: torch.Tensor, *, window_size: Sequence[int],
+                            shift_size: Sequence[int], table_window_size: Sequence[int],
+                            kv_pad: torch.Tensor | None, mask_shift_size: Sequence[int],
+                            scale: float | None) -> torch.Tensor:
+    """Token layout: qkv (B, D, H, W, 3, nh, d), bias_table (L, nh), kv_pad (2, nh, d) or None (zeros)
+    -> (B, D, H, W, nh, d). Arguments as :func:`bevt.ops.window_attention.window_attention_tokens`."""
+    nh, d = qkv.shape[5], qkv.shape[6]
+    scale = d ** -0.5 if scale is None else float(scale)
+    if kv_pad is None:
+        kv_pad = qkv.new_zeros(2, nh, d)
+    o, _ = _tokens_fwd(qkv, bias_table, kv_pad, [int(w) for w in window_size], [int(s) for s in shift_size],
+                       [int(t) for t in table_window_size], [int(s) for s in mask_shift_size], scale)
+    return o

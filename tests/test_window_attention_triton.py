@@ -1,0 +1,337 @@
+"""Triton window attention (forward + backward) against the reference, both entry points.
+
+On a GPU the kernels run compiled (real Swin-B shapes included); on the CPU they run in Triton's interpreter
+on small shapes. The interpreter needs TRITON_INTERPRET=1 before triton is first imported: this module sets
+it around its own import (the rest of the suite keeps choosing the reference on CPU); if triton was already
+imported in compiled mode, one test reruns this file in a fresh process with the variable set.
+
+Tolerance rule (CAPABILITIES["triton"].extra["tolerances"]): against the reference computed in fp32, the
+kernel's max and mean errors must be at most 2x (output) / 3x (gradients) those of the reference computed
+in the input dtype; fp32 inputs are compared with a float64 reference. An extended seeded sweep runs with
+BEVT_EXTENDED_TESTS=1.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bevt.ops import backend as be
+from bevt.ops.window_attention import (CAPABILITIES, can_run_triton, partition_windows, reverse_windows,
+                                       table_length, window_attention, window_attention_tokens)
+
+CUDA = torch.cuda.is_available()
+EXTENDED = os.environ.get("BEVT_EXTENDED_TESTS", "0") == "1"
+DEV = "cuda" if CUDA else "cpu"
+TOL = CAPABILITIES["triton"].extra["tolerances"]
+
+
+def _import_kernels():
+    if CUDA:
+        from bevt.kernels import window_attention as kern
+
+        return kern
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported and when the kernels are defined
+    try:
+        from bevt.kernels import window_attention as kern
+    except ImportError:
+        return None
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return kern
+
+
+KERN = _import_kernels()
+TRITON_HERE = KERN is not None and (CUDA or KERN.interpreter_ready())
+needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="Triton kernels cannot run in this process "
+                                  "(see test_triton_in_fresh_interpreter_process)")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """On the CPU the kernels run only while TRITON_INTERPRET=1 (the backend status is cached per value)."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    be.triton_status.cache_clear()
+    yield
+    be.triton_status.cache_clear()
+
+
+@contextlib.contextmanager
+def tiles(**kw):
+    """Temporarily change the interpreter's tile sizes (to exercise several full tiles plus a tail)."""
+    KERN.set_config(KERN.Config(**{**vars(KERN.INTERPRETER_CONFIG if not CUDA else KERN.GPU_CONFIG), **kw}))
+    try:
+        yield
+    finally:
+        KERN.set_config(None)
+
+
+# ----------------------------------------------------------------------------- helpers
+def make(batch, grid, heads, d, table_window, dtype, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, *grid, 3, heads, d, generator=g).to(device, dtype)
+    table = (torch.randn(table_length(table_window), heads, generator=g) * 0.5).to(device)
+    kv_pad = torch.randn(2, heads, d, generator=g).to(device)
+    do = torch.randn(batch, *grid, heads, d, generator=g).to(device, dtype)
+    return qkv, table, kv_pad, do
+
+
+def run_tokens(qkv, table, kv_pad, do, backend, **geo):
+    qkv, table = qkv.detach().clone().requires_grad_(True), table.detach().clone().requires_grad_(True)
+    kv_pad = kv_pad.detach().clone().requires_grad_(True) if kv_pad is not None else None
+    o = window_attention_tokens(qkv, table, kv_pad=kv_pad, backend=backend, **geo)
+    o.backward(do)
+    kvg = kv_pad.grad if kv_pad is not None and kv_pad.grad is not None else torch.zeros(2, *qkv.shape[5:])
+    return o.detach(), qkv.grad, table.grad, kvg.to(qkv.device)
+
+
+def compare(name, got, ref_hi, ref_lo, is_out):
+    """The tolerance rule; prints max/mean errors first."""
+    got, ref_hi = got.double(), ref_hi.double()
+    err = (got - ref_hi).abs()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if ref_lo is None:  # fp32 inputs: float64 reference
+        scale = ref_hi.abs().max().item() + 1e-12
+        print(f"{name}: max {err.max().item():.3e} mean {err.mean().item():.3e} (scale {scale:.3e})")
+        assert err.max().item() <= TOL["fp32_rel"] * max(scale, 1.0), name
+        return
+    elo = (ref_lo.double() - ref_hi).abs()
+    lim = TOL["out"] if is_out else TOL["grad"]
+    print(f"{name}: kernel max {err.max().item():.3e} mean {err.mean().item():.3e} | same-dtype reference "
+          f"max {elo.max().item():.3e} mean {elo.mean().item():.3e}")
+    # + a floor for quantities the low-precision reference happens to get exactly (e.g. all-zero gradients)
+    floor = 1e-6 * (ref_hi.abs().max().item() + 1.0)
+    assert err.max().item() <= lim * elo.max().item() + floor, f"{name}: max error"
+    assert err.mean().item() <= lim * elo.mean().item() + floor, f"{name}: mean error"
+
+
+def check_tokens(batch, grid, heads, d, window, shift, table_window, mask=None, dtype=torch.bfloat16, seed=0,
+                 kv_pad=True):
+    geo = dict(window_size=window, shift_size=shift, table_window_size=table_window,
+               mask_shift_size=shift if mask is None else mask)
+    qkv, table, kvp, do = make(batch, grid, heads, d, table_window, dtype, seed)
+    kvp = kvp if kv_pad else None
+    tri = run_tokens(qkv, table, kvp, do, "triton", **geo)
+    hi = torch.float64 if dtype == torch.float32 else torch.float32
+    ref_hi = run_tokens(qkv.to(hi), table.to(hi), None if kvp is None else kvp.to(hi), do.to(hi), "ref", **geo)
+    ref_lo = run_tokens(qkv, table, kvp, do, "ref", **geo) if dtype != torch.float32 else (None,) * 4
+    for name, a, b, c in zip(("out", "dqkv", "dtable", "dkv_pad"), tri, ref_hi, ref_lo):
+        compare(name, a, b, c, name == "out")
+    return tri
+
+
+# ----------------------------------------------------------------------------- token layout
+# The interpreter's cost grows with windows x heads, not with the window size: few windows, real 7x7 planes.
+TOKEN_CASES = {
+    # name: (batch, grid, heads, d, window, shift, table window, mask shift or None (= shift))
+    "shifted_padded": (1, (2, 9, 8), 1, 16, (2, 7, 7), (1, 3, 3), (2, 7, 7), None),
+    "unshifted_two_heads": (2, (2, 7, 7), 2, 16, (2, 7, 7), (0, 0, 0), (2, 7, 7), None),
+    "image_quirk_dt0_slice": (2, (1, 7, 7), 1, 16, (1, 7, 7), (0, 0, 0), (3, 7, 7), (0, 3, 3)),
+    "clamped_window_smaller_than_table": (1, (2, 5, 6), 2, 16, (2, 5, 6), (0, 0, 0), (3, 7, 7), None),
+    "odd_window_head_dim_32": (1, (3, 5, 10), 1, 32, (3, 5, 5), (1, 0, 2), (3, 5, 5), None),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def test_tokens_match_reference(case):
+    b, grid, nh, d, ws, ss, ts, ms = TOKEN_CASES[case]
+    check_tokens(b, grid, nh, d, ws, ss, ts, ms)
+
+
+@needs_triton
+def test_tokens_several_tiles_and_tails():
+    """16-token tiles: several full query/key tiles plus a tail tile of each (N = 30)."""
+    with tiles(fwd_bm=16, fwd_bn=16, dq_bm=16, dq_bn=16, kv_bm=16, kv_bn=16):
+        check_tokens(1, (2, 4, 10), 1, 16, (2, 3, 5), (1, 1, 2), (2, 3, 5))
+
+
+@needs_triton
+def test_tokens_real_window_8x7x7():
+    """One real 8x7x7 window (N = 392) with a shift mask and padding: 6 full tiles + a tail."""
+    with tiles(fwd_bm=128, fwd_bn=128, dq_bm=128, dq_bn=128, kv_bm=128, kv_bn=128):
+        check_tokens(1, (8, 7, 8), 1, 16, (8, 7, 7), (0, 3, 3), (8, 7, 7))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tokens_other_dtypes(dtype):
+    check_tokens(1, (2, 6, 5), 1, 16, (2, 4, 4), (1, 2, 2), (2, 4, 4), dtype=dtype)
+
+
+@needs_triton
+def test_kv_pad_none_means_zeros():
+    geo = dict(window_size=(2, 4, 4), shift_size=(1, 2, 2), table_window_size=(2, 4, 4), mask_shift_size=(1, 2, 2))
+    qkv, table, _, do = make(1, (2, 5, 4), 1, 16, (2, 4, 4), torch.float32)
+    a = run_tokens(qkv, table, None, do, "triton", **geo)
+    b = run_tokens(qkv, table, torch.zeros(2, 1, 16, device=DEV), do, "triton", **geo)
+    for x, y in zip(a[:3], b[:3]):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------- windowed layout
+def run_windowed(qkv, table, do, backend, ws, ss, ts):
+    """The windowed entry on a token-layout problem (grid a window multiple): roll + partition outside."""
+    qkv, table = qkv.detach().clone().requires_grad_(True), table.detach().clone().requires_grad_(True)
+    B, grid = qkv.shape[0], qkv.shape[1:4]
+    x = torch.roll(qkv, shifts=tuple(-s for s in ss), dims=(1, 2, 3))
+    q, k, v = (partition_windows(t, ws).transpose(1, 2) for t in x.unbind(4))
+    ow = window_attention(q, k, v, table, window_size=ws, table_window_size=ts, padded_grid=grid,
+                          mask_shift_size=ss, backend=backend)
+    o = torch.roll(reverse_windows(ow.transpose(1, 2), ws, B, grid), shifts=tuple(ss), dims=(1, 2, 3))
+    o.backward(do)
+    return o.detach(), qkv.grad, table.grad
+
+
+@needs_triton
+def test_windowed_entry_matches_reference_and_token_entry():
+    ws, ss, ts = (2, 4, 4), (1, 2, 2), (2, 4, 4)
+    qkv, table, _, do = make(1, (2, 8, 8), 1, 16, ts, torch.bfloat16, seed=3)
+    tri = run_windowed(qkv, table, do, "triton", ws, ss, ts)
+    ref_hi = run_windowed(qkv.float(), table, do.float(), "ref", ws, ss, ts)
+    ref_lo = run_windowed(qkv, table, do, "ref", ws, ss, ts)
+    for name, a, b, c in zip(("out", "dqkv", "dtable"), tri, ref_hi, ref_lo):
+        compare(name, a, b, c, name == "out")
+    # same kernels, same order of operations: the two entry points agree bit for bit
+    tok = run_tokens(qkv, table, None, do, "triton", window_size=ws, shift_size=ss, table_window_size=ts,
+                     mask_shift_size=ss)
+    for a, b in zip(tri, tok[:3]):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_windowed_without_mask_or_grid():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 2, 18, 16, generator=g).to(DEV) for _ in range(3))
+    table = torch.randn(table_length((2, 3, 3)), 2, generator=g).to(DEV)
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v, table)]
+    o = window_attention(*ins, window_size=(2, 3, 3), backend="triton")
+    ref_ins = [t.double().requires_grad_(True) for t in (q, k, v, table)]
+    r = window_attention(*ref_ins, window_size=(2, 3, 3), backend="ref")
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, ins, do)
+    rgrads = torch.autograd.grad(r, ref_ins, do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (o, *grads), (r, *rgrads)):
+        compare(name, a, b, None, name == "out")
+
+
+# ----------------------------------------------------------------------------- determinism, compile, registration
+@needs_triton
+def test_backward_is_bitwise_deterministic():
+    """Stated in CAPABILITIES: no atomics, the bias-table gradient is reduced in a fixed order."""
+    assert CAPABILITIES["triton"].extra["deterministic"]
+    geo = dict(window_size=(2, 4, 4), shift_size=(1, 2, 2), table_window_size=(2, 4, 4), mask_shift_size=(1, 2, 2))
+    qkv, table, kvp, do = make(1, (3, 5, 6), 1, 16, (2, 4, 4), torch.bfloat16, seed=7)
+    a = run_tokens(qkv, table, kvp, do, "triton", **geo)
+    b = run_tokens(qkv, table, kvp, do, "triton", **geo)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@needs_triton
+def test_torch_compile_fullgraph_forward_and_backward():
+    geo = dict(window_size=(2, 4, 4), shift_size=(1, 2, 2), table_window_size=(2, 4, 4), mask_shift_size=(1, 2, 2))
+    qkv, table, kvp, do = make(1, (2, 5, 4), 1, 16, (2, 4, 4), torch.float32, seed=2)
+
+    def f(qkv, table, kvp):  # the kernel entry: one custom op forward, one backward, nothing else
+        return KERN.window_attention_tokens(qkv, table, kv_pad=kvp, scale=None, **geo) * 2.0
+
+    eager = run_tokens(qkv, table, kvp, do * 2.0, "triton", **geo)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ins = [t.clone().requires_grad_(True) for t in (qkv, table, kvp)]
+    out = compiled(*ins)
+    grads = torch.autograd.grad(out, ins, do)
+    torch.testing.assert_close(out, eager[0] * 2.0)
+    for g, e in zip(grads, eager[1:]):
+        torch.testing.assert_close(g, e)
+
+
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    geo = [[2, 3, 3], [1, 1, 1], [2, 3, 3], [1, 1, 1]]
+    qkv, table, kvp, _ = make(1, (2, 3, 4), 1, 16, (2, 3, 3), torch.float32, seed=4)
+    args = (qkv.requires_grad_(True), table.requires_grad_(True), kvp.requires_grad_(True), *geo, 0.25)
+    torch.library.opcheck(torch.ops.bevt.window_attention_tokens_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- predicate
+def test_predicate_reasons():
+    table = torch.randn(table_length((2, 7, 7)), 2)
+    with pytest.raises(be.BackendUnavailable, match="head dim"):
+        can_run_triton(torch.randn(2, 2, 98, 48), table, window_size=(2, 7, 7), raise_error=True)
+    with pytest.raises(be.BackendUnavailable, match="at most"):
+        can_run_triton(torch.randn(1, 2, 8 * 11 * 11, 32), torch.randn(table_length((8, 11, 11)), 2),
+                       window_size=(8, 11, 11), raise_error=True)
+    with pytest.raises(be.BackendUnavailable, match="dtype"):
+        can_run_triton(torch.randn(2, 2, 98, 32, dtype=torch.float64), table, window_size=(2, 7, 7), raise_error=True)
+
+
+# ----------------------------------------------------------------------------- seeded random sweep
+def _random_case(seed):
+    rng = random.Random(seed)
+    ws = (rng.randint(1, 3), rng.randint(2, 5), rng.randint(2, 5))
+    ts = tuple(w + rng.randint(0, 1) for w in ws)
+    grid = tuple(w * (2 if i == 2 else 1) - rng.randint(0, w - 1) for i, w in enumerate(ws))
+    ss = tuple(rng.randint(0, w - 1) for w in ws)
+    return dict(batch=1, grid=grid, heads=rng.randint(1, 2), d=rng.choice([16, 32]), window=ws, shift=ss,
+                table_window=ts, dtype=rng.choice([torch.bfloat16, torch.float16]))
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(24 if EXTENDED else 3))
+def test_seeded_random_sweep(seed):
+    c = _random_case(seed)
+    print(c)
+    check_tokens(c["batch"], c["grid"], c["heads"], c["d"], c["window"], c["shift"], c["table_window"],
+                 dtype=c["dtype"], seed=seed)
+
+
+# ----------------------------------------------------------------------------- GPU: real shapes
+def _real_cases():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from shapes import SWIN_B_IMAGE_STAGES, SWIN_B_STAGES
+
+    from bevt.models.video_swin import get_window_size
+
+    out = []
+    for s in SWIN_B_STAGES:
+        for shifted in (False, True):
+            ws, ss = get_window_size(s.grid, s.window, tuple(w // 2 for w in s.window) if shifted else (0, 0, 0))
+            out.append((f"{s.name}{'_shift' * shifted}", s.batch, s.grid, s.heads, s.head_dim, ws, ss, s.window, ss))
+    for s in SWIN_B_IMAGE_STAGES:
+        for shifted in (False, True):
+            out.append((f"{s.name}{'_shift' * shifted}", s.batch, s.grid, s.heads, s.head_dim, (1, 7, 7),
+                        (0, 3, 3) if shifted else (0, 0, 0), s.window, (0, 3, 3)))
+    out += [("w16x7x7", 2, (16, 28, 28), 8, 32, (16, 7, 7), (0, 3, 3), (16, 7, 7), (0, 3, 3)),
+            ("padded_192px", 2, (8, 48, 48), 4, 32, (8, 7, 7), (0, 3, 3), (8, 7, 7), (0, 3, 3)),
+            ("d64_3d_shift", 2, (16, 28, 28), 4, 64, (8, 7, 7), (4, 3, 3), (8, 7, 7), (4, 3, 3))]
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", _real_cases() if CUDA else [], ids=lambda c: c[0])
+def test_real_shapes_gpu(case):
+    _, b, grid, nh, d, ws, ss, ts, ms = case
+    check_tokens(b, grid, nh, d, ws, ss, ts, ms)
+
+
+# ----------------------------------------------------------------------------- interpreter fallback
+@pytest.mark.skipif(TRITON_HERE or CUDA or KERN is None, reason="the Triton tests ran in this process")
+def test_triton_in_fresh_interpreter_process():
+    """triton was imported in compiled mode before this module: run the Triton tests in a fresh process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-k", "not fresh"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
