@@ -94,8 +94,8 @@ class _Kernel:
         k = self._compiled.get(key)
         if k is not None:
             try:
-                return k[grid](*vals)
-            except (TypeError, ValueError, AttributeError):  # a Triton whose launcher differs: use its own path
+                return k[tuple(grid) + (1,) * (3 - len(grid))](*vals)  # a compiled kernel's launcher takes 3 dims
+            except (TypeError, ValueError, AttributeError, IndexError):  # a Triton whose launcher differs: use its own path
                 self._compiled.clear()
                 self.cache_launches = False
         k = self.fn[grid](*args, **kwargs)
