@@ -6,6 +6,11 @@ once per test session into a temporary folder. It is a :class:`bevt.data.synth.S
 ``.classes_file``, ``.classes`` (8 names); clips have 32 frames of 160x128 at 25 fps. Treat it as
 read-only: copy files into ``tmp_path`` to damage or modify them.
 
+``tiny_finetune``: ``build(out_dir, *overrides) -> FinetuneConfig``, the ``default`` fine-tuning recipe on
+``synth_dataset`` shrunk to seconds (nano model, 64 px crops, 4 uniform segments, batch 4, 2 steps, from
+scratch, no worker processes); ``overrides`` are dotted ``section.field=value`` strings applied last;
+``build.overrides`` lists the shrinking ones (for ``--set`` on a command line).
+
 ``broken_videos``: ``(items, bad_paths)``: seven :class:`bevt.data.datasets.Sample` entries, good clips of
 ``synth_dataset`` at indices 0, 4, 6 (labels = index) and unreadable files at 1 (missing), 2 (empty),
 3 (random bytes) and 5 (an mp4 cut in half); ``bad_paths`` lists those four paths in that order.
@@ -32,6 +37,26 @@ def synth_dataset(tmp_path_factory):
     from bevt.data import synth
 
     return synth.generate(tmp_path_factory.mktemp("synth") / "synth", **SYNTH_SETTINGS)
+
+
+FINETUNE_TINY = [
+    "data.crop_size=64", "data.short_side=72", "data.num_segments=4", "data.batch_size=4", "data.num_workers=0",
+    "data.area_range=0.5,1.0", "data.synthesize_if_missing=false", "eval.test_short_side=64", "eval.test_clips=1",
+    "eval.test_batch_size=4", "eval.val_batch_size=8", "model.init_from=", "model.init_optional=false",
+    "model.drop_path_rate=0.0", "run.progress=false", "run.tensorboard=false", "run.log_every=1",
+    "optim.warmup_epochs=0", "optim.epochs=1", "optim.max_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune(synth_dataset):
+    from bevt.train.finetune import build_config
+
+    def build(out_dir, *overrides):
+        return build_config("default", build.overrides + [f"run.out_dir={out_dir}", *overrides])
+
+    build.overrides = FINETUNE_TINY + [f"data.root={synth_dataset.root}"]  # for command lines
+    return build
 
 
 @pytest.fixture

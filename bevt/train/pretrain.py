@@ -63,21 +63,28 @@ def ensure_dataset(cfg: PretrainConfig, dist: DistInfo) -> None:
         needed.append(data_path(d.root, d.video_list))
     if cfg.model.mode in ("bevt", "bevt_i"):
         needed.append(data_path(d.root, d.image_list))
+    ensure_lists(d.root, needed, synthesize=d.synthesize_if_missing, seed=cfg.run.seed, dist=dist,
+                 hint="data.video_list / data.image_list")
+
+
+def ensure_lists(root: str, needed: list[str], *, synthesize: bool, seed: int, dist: DistInfo, hint: str) -> None:
+    """Raise FileNotFoundError naming the missing ``needed`` lists, or, with ``synthesize``, generate the
+    built-in synthetic dataset at ``root`` (rank 0; the others wait). ``hint`` names the list settings."""
     missing = [p for p in needed if not os.path.exists(p)]
     if not missing:
         return
-    if not d.synthesize_if_missing:
-        hint = "set data.root=DIR (and data.video_list / data.image_list)" if not d.root else \
-            f"check data.root={d.root!r}, or create the built-in dataset with: bevt data synth --out {d.root or 'DIR'}"
-        raise FileNotFoundError(f"dataset not found: {', '.join(missing)} does not exist; {hint}")
+    if not synthesize:
+        fix = f"set data.root=DIR (and {hint})" if not root else \
+            f"check data.root={root!r}, or create the built-in dataset with: bevt data synth --out {root}"
+        raise FileNotFoundError(f"dataset not found: {', '.join(missing)} does not exist; {fix}")
     if dist.is_main:
         from bevt.data import synth
 
-        if os.path.isdir(d.root) and os.listdir(d.root):
-            raise FileNotFoundError(f"{d.root} exists but has no {', '.join(os.path.basename(p) for p in missing)}; "
+        if os.path.isdir(root) and os.listdir(root):
+            raise FileNotFoundError(f"{root} exists but has no {', '.join(os.path.basename(p) for p in missing)}; "
                                     f"point data.root at an empty folder to generate the synthetic dataset there")
-        print(f"bevt: generating the built-in synthetic dataset in {d.root} ...", file=sys.stderr)
-        synth.generate(d.root, seed=cfg.run.seed)
+        print(f"bevt: generating the built-in synthetic dataset in {root} ...", file=sys.stderr)
+        synth.generate(root, seed=seed)
     barrier(dist)
 
 
@@ -228,6 +235,31 @@ def describe_backends(device: torch.device) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- build and run
+def setup_runtime(run, kernels) -> tuple[torch.device, DistInfo, str]:
+    """A run's device (this process's GPU under torchrun), process group, AMP mode, seeds and kernel
+    defaults, from its ``run`` and ``kernels`` config sections -> (device, dist, amp)."""
+    device = resolve_device(run.device)
+    dist = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp = resolve_amp(run.amp, device)
+    seed_everything(run.seed + dist.rank)
+    # "auto" in the config leaves the process default alone (BEVT_KERNELS, else auto); others set it
+    set_default_backend({op: be for op, be in dataclasses.asdict(kernels).items() if be != "auto"})
+    return device, dist, amp
+
+
+def wrap_model(model: torch.nn.Module, dist: DistInfo, device: torch.device, *, compile: bool = False):
+    """The module the loop trains: DDP around ``model`` when there are several processes, then compiled."""
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
 def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     """Run BEVT pretraining as configured; returns the summary dict (also printed on rank 0)."""
     from bevt.data.loader import build_loader
@@ -236,16 +268,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     from bevt.train import checkpoint as ckpt
     from bevt.train.optim import CosineSchedule, build_optimizer, param_groups
 
-    device = resolve_device(cfg.run.device)
-    dist = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    amp = resolve_amp(cfg.run.amp, device)
-    seed_everything(cfg.run.seed + dist.rank)
-    set_default_backend(dataclasses.asdict(cfg.kernels))
+    device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     try:
         ensure_dataset(cfg, dist)
         tokenizer = ensure_tokenizer(cfg, device, dist)
@@ -279,12 +302,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
                                   warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
                                   warmup_ratio=o.warmup_ratio, min_lr=o.min_lr, steps_per_epoch=steps_per_epoch,
                                   by_epoch=o.schedule_by_epoch)
-        train_model = model
-        if dist.enabled:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.run.compile:
-            train_model = torch.compile(train_model)
+        train_model = wrap_model(model, dist, device, compile=cfg.run.compile)
 
         run_dir = cfg.run.out_dir
         if dist.is_main:
