@@ -108,13 +108,13 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "tensorboard>=2.12",
+        "matplotlib>=3.6",  # bevt eval's per-class / confusion PNG
     ],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest>=7", "triton>=3.2"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2"],
         "dali": ["nvidia-dali-cuda130>=2.4"],
-        "plot": ["matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["bevt=bevt.cli:main"]},
     ext_modules=ext_modules,
