@@ -78,21 +78,20 @@ def _win_masked(wi, nWd, nWh, nWw, MD, MH, MW):
 @triton.jit
 def _rows(n, wi, h, D, H, W, nWd, nWh, nWw,
           NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-          TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
+          SD, SH, SW,
           MD, MH, MW, LAYOUT: tl.constexpr):
     """Per-token facts for token indices n (a vector; n >= N are tile padding) of window wi, head h.
 
-    Returns (A, region, real, row_qkv, row_o): the bias coordinate A(n), the mask region code, whether
+    Returns (region, real, row_qkv, row_o): the mask region code, whether
     the token is real (in the window and, in token layout, inside the unpadded grid), and the element
     offsets of its (q/k/v) and (o) rows.
     """
     N: tl.constexpr = WD * WH * WW
     inwin = n < N
-    nc = tl.minimum(n, N - 1)  # keep the padding rows' coordinates (and table indices) in range
+    nc = tl.minimum(n, N - 1)  # keep the padding rows' coordinates in range
     td = nc // (WH * WW)
     th = (nc // WW) % WH
     tw = nc % WW
-    a = td * TSD + th * TSH + tw
     nws = nWd * nWh * nWw
     b = wi // nws
     wl = wi - b * nws
@@ -124,7 +123,7 @@ def _rows(n, wi, h, D, H, W, nWd, nWh, nWw,
             wh = wh.to(tl.int64)
         row_qkv = (wh * N + nc) * DH
         row_o = row_qkv
-    return a, region, real, row_qkv, row_o
+    return region, real, row_qkv, row_o
 
 
 @triton.jit
@@ -166,24 +165,32 @@ def _bias_tiles(bias_h, rows, BC: tl.constexpr, NCF: tl.constexpr, BCT: tl.const
 _RUNTIME = ["D", "H", "W", "nWd", "nWh", "nWw", "SD", "SH", "SW", "MD", "MH", "MW", "HAS_PAD", "zero"]
 
 
+@triton.jit
+def _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr):
+    """Scores of query rows q against key tokens nk of window wi, in the exp2 domain (q.k * scale * log2 e
+    + the bias tile, whose planes are pre-scaled by log2 e), with the shift mask from region codes in the
+    windows that have one; also returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
+    N: tl.constexpr = WD * WH * WW
+    dcol = tl.arange(0, DH)
+    reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
+                                        MD, MH, MW, LAYOUT)
+    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
+    if masked:
+        s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+    return s, k, v
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
-               MD, MH, MW, LAYOUT: tl.constexpr,
+               SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
                HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
-    dcol = tl.arange(0, DH)
-    nk = k0 + tl.arange(0, BLOCK_N)
-    _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                       SD, SH, SW, MD, MH, MW, LAYOUT)
-    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
-    # scores in the exp2 domain: q.k * scale * log2(e) + bias (the table is pre-scaled by log2(e))
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
-    # shift mask from region codes, only in windows that have one
-    if masked:
-        s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, D, H, W,
+                          nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -195,7 +202,7 @@ def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_s
 @triton.jit
 def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero,
               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+              NP: tl.constexpr,
               SD, SH, SW,
               MD, MH, MW, LAYOUT: tl.constexpr,
               HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
@@ -209,8 +216,8 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_sc
         bias = _bias_tiles(bias_h, nq, BN, NKF, BNT, NP)
     for wl in range(WPP):
         wi = r * WPP + wl
-        _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                               SD, SH, SW, MD, MH, MW, LAYOUT)
+        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
+                                        MD, MH, MW, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -220,23 +227,23 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_sc
         if HOIST:
             for kt in tl.static_range(NKF):
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[kt], m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
                                            SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
             if BNT > 0:
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[NKF], m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
                                            SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
         else:
             a_qw = nq + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
             for kt in range(NKF):
                 b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
                                            SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
             if BNT > 0:
                 b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH,
+                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
                                            SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
         o = acc / l_i[:, None]
         tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
@@ -246,7 +253,7 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_sc
 @triton.jit(do_not_specialize=_RUNTIME)
 def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, D, H, W, nWd, nWh, nWw, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+                NP: tl.constexpr,
                 SD, SH, SW,
                 MD, MH, MW, LAYOUT: tl.constexpr,
                 HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
@@ -258,10 +265,10 @@ def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, D, H, W, nWd, nWh, nWw, qk_scale, zer
     r = pid // (NQT * NH)
     if qt < NQF:
         _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD, WH,
-                  WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BM, BN, NKF, BNT)
+                  WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
         _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD,
-                  WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BMT, BN, NKF,
+                  WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BMT, BN, NKF,
                   BNT)
 
 
@@ -269,18 +276,10 @@ def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, D, H, W, nWd, nWh, nWw, qk_scale, zer
 @triton.jit
 def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
-              MD, MH, MW, LAYOUT: tl.constexpr,
+              SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
               HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
-    dcol = tl.arange(0, DH)
-    nk = k0 + tl.arange(0, BLOCK_N)
-    _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                       SD, SH, SW, MD, MH, MW, LAYOUT)
-    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
-    if masked:
-        s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, D, H, W,
+                          nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])  # dL/d(score), natural units
@@ -290,7 +289,7 @@ def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, 
 @triton.jit
 def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale, zero,
              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
              BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
@@ -299,8 +298,8 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, n
     bias_h = TAB + h * (NP * NP)
     for wl in range(WPP):
         wi = r * WPP + wl
-        _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                               SD, SH, SW, MD, MH, MW, LAYOUT)
+        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
+                                        MD, MH, MW, LAYOUT)
         masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
         # 1. delta = rowsum(dO * O) for this query tile, kept for the bias-gradient and dK/dV kernels
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
@@ -316,12 +315,12 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, n
         for kt in range(NKF):
             b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
             dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, kt * BN, wi, h, masked, qk_scale, D, H, W,
-                           nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
+                           nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
                            IEEE, BN)
         if BNT > 0:
             b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
             dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, NKF * BN, wi, h, masked, qk_scale, D, H, W,
-                           nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
+                           nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
                            IEEE, BNT)
         tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
                  mask=real_q[:, None])
@@ -330,7 +329,7 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, n
 @triton.jit(do_not_specialize=_RUNTIME)
 def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
                    BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                    BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
@@ -340,18 +339,18 @@ def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, D, H, W, nWd, nWh, 
     r = pid // (NQT * NH)
     if qt < NQF:
         _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale,
-                 zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
+                 zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
         _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
-                 sm_scale, zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
+                 sm_scale, zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: bias-gradient partials
 @triton.jit
 def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
-             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
+                NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
     the bias gradient is reduced over windows before anything is written (one plane per range, no atomics)."""
@@ -363,19 +362,16 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, n
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for wl in range(WPP):
         wi = r * WPP + wl
-        _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                               SD, SH, SW, MD, MH, MW, LAYOUT)
-        _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                           SD, SH, SW, MD, MH, MW, LAYOUT)
+        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
+                                        MD, MH, MW, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-        k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
         lrow = (wi * NH + h).to(tl.int64) * N + nq
         lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))  # padded query rows: p = 0
         delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
-        if _win_masked(wi, nWd, nWh, nWw, MD, MH, MW):
-            s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
+        s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, _win_masked(wi, nWd, nWh, nWw, MD, MH, MW),
+                              qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT,
+                              HAS_PAD, IEEE)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         acc += p * (dp - delta[:, None])
@@ -386,8 +382,8 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, n
 @triton.jit(do_not_specialize=_RUNTIME)
 def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, D, H, W, nWd, nWh, nWw, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
-             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
+                NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                       BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                       BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
     pid = tl.program_id(0)
@@ -398,31 +394,30 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, D, H, W, nWd, nWh,
     if qt < NQF:
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
+                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
+                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
     elif BMT > 0:
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
+                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
+                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
 def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              TSD: tl.constexpr, TSH: tl.constexpr, SD, SH, SW,
-              MD, MH, MW, LAYOUT: tl.constexpr,
+              SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
-    _, reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                           SD, SH, SW, MD, MH, MW, LAYOUT)
+    reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
+                                        MD, MH, MW, LAYOUT)
     q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     lrow = (wi * NH + h).to(tl.int64) * N + nq
@@ -444,7 +439,7 @@ def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, q
 def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
                sm_scale, zero,
                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+               NP: tl.constexpr,
                SD, SH, SW,
                MD, MH, MW, LAYOUT: tl.constexpr,
                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr, NKT: tl.constexpr,
@@ -460,8 +455,8 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D,
     dvp = tl.zeros((DH,), tl.float32)
     for wl in range(WPP):
         wi = r * WPP + wl
-        _, reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH,
-                                           SD, SH, SW, MD, MH, MW, LAYOUT)
+        reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
+                                        MD, MH, MW, LAYOUT)
         k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
         masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
         dk = tl.zeros((BLOCK_N, DH), tl.float32)
@@ -470,23 +465,23 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D,
         if HOIST:
             for qt in tl.static_range(NQF):
                 dk, dv = _kv_qstep(k, v, reg_k, bias[qt], dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
                                    MW, LAYOUT, IEEE, BM)
             if BMT > 0:
                 dk, dv = _kv_qstep(k, v, reg_k, bias[NQF], dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
                                    MW, LAYOUT, IEEE, BMT)
         else:
             a_kw = nk + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
             for qt in range(NQF):
                 b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
                 dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
                                    MW, LAYOUT, IEEE, BM)
             if BMT > 0:
                 b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
                 dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, TSD, TSH, SD, SH, SW, MD, MH,
+                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
                                    MW, LAYOUT, IEEE, BMT)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
@@ -506,7 +501,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D,
 def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale,
                      zero,
                      NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                     TSD: tl.constexpr, TSH: tl.constexpr, NP: tl.constexpr,
+                     NP: tl.constexpr,
                      SD, SH, SW,
                      MD, MH, MW, LAYOUT: tl.constexpr,
                      HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
@@ -518,11 +513,11 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, D, H, W, n
     r = pid // (NKT * NH)
     if kt < NKF:
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, D, H, W, nWd, nWh, nWw,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
                    HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BN)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, D, H, W, nWd, nWh, nWw,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, TSD, TSH, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
                    HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BNT)
 
 

@@ -123,9 +123,7 @@ class _Geo:
 
     def constexprs(self) -> dict:
         wd, wh, ww = self.ws
-        td, th, tw = self.ts
-        tsd, tsh = (2 * th - 1) * (2 * tw - 1), 2 * tw - 1
-        return dict(NH=self.nh, DH=self.d, WD=wd, WH=wh, WW=ww, TSD=tsd, TSH=tsh)
+        return dict(NH=self.nh, DH=self.d, WD=wd, WH=wh, WW=ww)
 
     @property
     def table_rows(self) -> int:
