@@ -54,31 +54,3 @@ def record():
     def _record(**row):
         _RESULTS.append(row)
     return _record
-
-
-def cuda_time_ms(fn, warmup: int = 10, rep: int = 50) -> float:
-    """Median time of fn() in ms with CUDA events (after warm-up)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def peak_extra_mib(fn) -> float:
-    """Peak memory allocated by fn() above what was allocated before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20

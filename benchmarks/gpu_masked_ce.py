@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import cuda_time_ms, graph_time_ms, peak_extra_mib  # noqa: E402
 
 RES: dict = {}
 OUT = "."
@@ -33,59 +34,6 @@ OUT = "."
 def save():
     with open(os.path.join(OUT, "masked_ce_gpu.json"), "w") as f:
         json.dump(RES, f, indent=1, default=str)
-
-
-def bench(fn, warm=5, rep=30):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def graph_ms(step, calls=20, rep=10):
-    """GPU time per call from replaying a CUDA graph of `calls` calls (no host launch time in it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            step()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / calls)
-    del g
-    torch.cuda.empty_cache()
-    return sorted(ts)[len(ts) // 2]
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def rel(a, r):
@@ -244,7 +192,7 @@ def main():
             fn()
             torch.cuda.synchronize()
             comp = time.time() - t1
-            ms = bench(fn)
+            ms = cuda_time_ms(fn)
             cpu = []
             for _ in range(10):  # host time of one call (launches only): is the path launch-bound?
                 torch.cuda.synchronize()
@@ -253,8 +201,8 @@ def main():
                 cpu.append((time.perf_counter() - t2) * 1e3)
             torch.cuda.synchronize()
             zero()  # the baseline holds no gradients: the peak then includes the new ones
-            mib = peak_mib(fn)
-            gms = graph_ms(fn) if name.startswith("triton") else None
+            mib = peak_extra_mib(fn)
+            gms = graph_time_ms(fn) if name.startswith("triton") else None
             errs = None
             if name.startswith("triton") and ref_grads is not None:
                 got = grads_of(lambda: kern.masked_ce(h, mask, w, b, t), h, w, b) if name == "triton" else None
@@ -281,12 +229,12 @@ def main():
         try:
             with torch.no_grad():
                 fn()
-                RES["fwd_only"][name] = bench(fn)
+                RES["fwd_only"][name] = cuda_time_ms(fn)
             if name == "triton":
                 def fwd_step():
                     with torch.no_grad():
                         kern.masked_ce(h, mask, w, b, t)
-                RES["fwd_only"]["triton_graph"] = graph_ms(fwd_step)
+                RES["fwd_only"]["triton_graph"] = graph_time_ms(fwd_step)
             print(f"fwd only {name}: {RES['fwd_only'][name]:.3f} ms (graph: {RES['fwd_only'].get('triton_graph')})",
                   flush=True)
         except Exception:
@@ -308,7 +256,7 @@ def main():
         }
         RES["cublas"] = {}
         for k, fn in gem.items():
-            ms = bench(fn, 5, 50)
+            ms = cuda_time_ms(fn, 5, 50)
             RES["cublas"][k] = {"ms": ms, "tflops": gemm_flop / ms / 1e9 if "K=" in k else None}
             print(f"cuBLAS {k:28s} {ms:.4f} ms", flush=True)
         RES["cublas_3gemm_ms"] = sum(v["ms"] for k, v in RES["cublas"].items() if "K=" in k)
@@ -329,7 +277,7 @@ def main():
             for k, fn in probes.items():
                 try:
                     out = fn()
-                    ms = bench(fn, 3, 20)
+                    ms = cuda_time_ms(fn, 3, 20)
                     RES["grouped_mm"][k] = {"ms": ms, "out": list(out.shape)}
                     print(f"probe {k:28s} {ms:.4f} ms  out {tuple(out.shape)}", flush=True)
                 except Exception as e:

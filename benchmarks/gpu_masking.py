@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import time
 
@@ -18,34 +17,7 @@ import torch
 
 from bevt.ops import masking as M
 from bevt.ops.masking import BlockMaskSpec, TubeSpec
-
-
-def events_ms(fn, warmup=10, rep=100):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
-
-
-def graph_ms(fn, per_graph=20, rep=50):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(per_graph):
-            fn()
-    return events_ms(g.replay, 5, rep) / per_graph
+from timing import cuda_time_ms, graph_time_ms  # run as a script: benchmarks/ is on sys.path
 
 
 def kernel_ms(fn, calls=50):
@@ -118,7 +90,7 @@ def main():
                           cpu_us=cpu * 1e3)
     for name, fn in variants.items():
         wall, cpu = host_ms(fn)
-        rows[name] = dict(graph_us=graph_ms(fn) * 1e3, kernel_us=kernel_ms(fn) * 1e3, event_us=events_ms(fn) * 1e3,
+        rows[name] = dict(graph_us=graph_time_ms(fn) * 1e3, kernel_us=kernel_ms(fn) * 1e3, event_us=cuda_time_ms(fn) * 1e3,
                           wall_us=wall * 1e3, cpu_us=cpu * 1e3)
     with open(os.path.join(args.out, "gpu_masking.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

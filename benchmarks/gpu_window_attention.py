@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from shapes import SWIN_B_IMAGE_STAGES, SWIN_B_STAGES  # noqa: E402
+from timing import cuda_time_ms  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- cases
@@ -171,22 +172,6 @@ def _worker(cases):
 
 
 # ----------------------------------------------------------------------------- timing
-def cuda_time_ms(fn, warmup=5, rep=30):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def attn_flops(c, n_windows):
     n = math.prod(c["window"])
     return 4 * n_windows * c["heads"] * n * n * c["d"]  # forward: two matrix products

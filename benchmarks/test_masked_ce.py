@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from benchmarks.conftest import cuda_time_ms, peak_extra_mib
+    from benchmarks.timing import cuda_time_ms, graph_time_ms, peak_extra_mib
     from benchmarks.shapes import CE_SHAPE
 except ImportError:  # benchmarks/ itself on sys.path (pytest's default import of a folder without __init__.py)
-    from conftest import cuda_time_ms, peak_extra_mib
+    from timing import cuda_time_ms, graph_time_ms, peak_extra_mib
     from shapes import CE_SHAPE
 
 PROVIDERS = ("ref", "official", "triton")
@@ -88,33 +88,6 @@ def _reference():
     return loss.detach(), acc, hf.grad, wf.grad, bf.grad
 
 
-def _graph_ms(step, calls: int = 20, rep: int = 10) -> float:
-    """GPU time per call from replaying a CUDA graph of ``calls`` calls (no host launch time in it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            step()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / calls)
-    del graph
-    torch.cuda.empty_cache()
-    return sorted(times)[len(times) // 2]
-
-
 def _rel(a, r):
     a, r = a.double(), r.double()
     return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
@@ -160,7 +133,7 @@ def test_masked_ce(provider, mode, record):
     h.grad = w.grad = b.grad = None  # the baseline holds no gradients: the peak then includes the new ones
     mib = peak_extra_mib(step)
     h.grad = w.grad = b.grad = None
-    graph_ms = _graph_ms(step) if provider == "triton" else None
+    graph_ms = graph_time_ms(step) if provider == "triton" else None
     h.grad = w.grad = b.grad = None
     ms = graph_ms if graph_ms is not None else event_ms
     grads_mib = (h.numel() * h.element_size() + w.numel() * 4 + b.numel() * 4) / 2 ** 20 if mode == "fwd_bwd" else 0.0

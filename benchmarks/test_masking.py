@@ -19,10 +19,10 @@ import pytest
 import torch
 
 try:
-    from benchmarks.conftest import cuda_time_ms
+    from benchmarks.timing import cuda_time_ms
     from benchmarks.shapes import MASK_SHAPE
 except ImportError:  # benchmarks/ itself on sys.path (pytest's default import of a folder without __init__.py)
-    from conftest import cuda_time_ms
+    from timing import cuda_time_ms
     from shapes import MASK_SHAPE
 from bevt.ops import masking as M
 from bevt.ops.masking import BlockMaskSpec, TubeSpec

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from benchmarks.conftest import cuda_time_ms, peak_extra_mib
+    from benchmarks.timing import cuda_time_ms, graph_time_ms, peak_extra_mib
     from benchmarks.shapes import SWIN_B_STAGES
 except ImportError:  # benchmarks/ itself on sys.path (pytest's default import of a folder without __init__.py)
-    from conftest import cuda_time_ms, peak_extra_mib
+    from timing import cuda_time_ms, graph_time_ms, peak_extra_mib
     from shapes import SWIN_B_STAGES
 
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -189,20 +189,6 @@ def _check(entry, stage, block, provider):
         assert err.mean().item() <= lim * elo.mean().item() + floor, f"{provider} {name}: mean error"
 
 
-def _graph_ms(fn):
-    """Median time of fn() replayed from a CUDA graph (no host launch time in the number)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return cuda_time_ms(g.replay)
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("entry,stage,block,provider", _params())
 def test_window_attention(entry, stage, block, provider, mode, record):
@@ -230,7 +216,7 @@ def test_window_attention(entry, stage, block, provider, mode, record):
             return torch.autograd.grad(f(*ins), ins, do, allow_unused=True)
     event_ms = cuda_time_ms(fn)
     if provider == "triton" and mode != "bwd":
-        graph_ms = _graph_ms(fn)
+        graph_ms = graph_time_ms(fn, calls=1, rep=50)
     ms = graph_ms if graph_ms is not None else event_ms
     n = math.prod(ws)
     windows = ins[0].shape[0] if entry == "windows" else s.windows

@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+try:
+    from benchmarks.timing import cuda_time_ms
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from timing import cuda_time_ms
 from bevt.data.transforms import normalize
 from bevt.models.bevt import create_bevt
 from bevt.ops import BlockMaskSpec, TubeSpec, step_masks, use_backend
@@ -134,22 +138,6 @@ def build(path: str, clips: int, images: int, *, model_name: str = "videoswin_ba
     return StepBench(path, clips, images, model, tok, opt, inputs, frames)
 
 
-def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def peak_gb(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -169,7 +157,7 @@ def step_flops(sb: StepBench) -> float:
 
 def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: int = 10) -> dict:
     sb = build(path, clips, images)
-    ms = time_ms(sb.run, iters=iters)
+    ms = cuda_time_ms(sb.run, warmup=3, rep=iters)
     row = {"path": path, "clips": clips, "images": images, "step_ms": ms,
            "clips_per_s": clips / ms * 1e3, "images_per_s": images / ms * 1e3, "peak_gb": peak_gb(sb.run)}
     if phases:
@@ -206,7 +194,7 @@ def video_stream_vs_torchvision(clips: int = 8, iters: int = 10) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        ms = time_ms(step, iters=iters)
+        ms = cuda_time_ms(step, warmup=3, rep=iters)
         out[name] = {"step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak_gb(step)}
         del m, opt
         torch.cuda.empty_cache()
