@@ -687,6 +687,8 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
 
 
 def summary_rows(s: dict) -> list[tuple[str, object]]:
+    from bevt.train.pretrain import closing_rows
+
     first, last = s.get("first", {}), s.get("last", {})
     rows = [("run folder", s["run_dir"]), ("recipe / model", f"{s['recipe']} / {s['model']} ({s['num_classes']} classes)"),
             ("device", f"{s['device']} x{s['world_size']}, amp {s['amp']}"),
@@ -704,12 +706,7 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
         rows.append((f"val top-1 / top-5 (1 view, {w} weights)", f"{s['val_top1']:.4f} / {s['val_top5']:.4f}"))
     if "clips_per_s" in last:
         rows.append(("clips/s", f"{last['clips_per_s']:.1f}"))
-    if s.get("peak_mem_gb"):
-        rows.append(("peak GPU memory", f"{s['peak_mem_gb']:.2f} GB"))
-    sk = s.get("skipped_files", [])
-    rows.append(("skipped files", f"{len(sk)}" + (": " + ", ".join(sk[:5]) + (" ..." if len(sk) > 5 else "") if sk else "")))
-    rows.append(("checkpoint", s.get("checkpoint")))
-    return rows
+    return rows + closing_rows(s)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -352,6 +352,13 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
     for k in ("clips_per_s", "images_per_s"):
         if k in last:
             rows.append((k.replace("_per_s", "/s"), f"{last[k]:.1f}"))
+    return rows + closing_rows(s)
+
+
+def closing_rows(s: dict) -> list[tuple[str, object]]:
+    """The last summary rows of any training run (pretraining, fine-tuning): memory, skipped files,
+    checkpoint."""
+    rows = []
     if s.get("peak_mem_gb"):
         rows.append(("peak GPU memory", f"{s['peak_mem_gb']:.2f} GB"))
     sk = s.get("skipped_files", [])
