@@ -655,7 +655,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                               clip_grad=o.clip_grad, amp=amp, log_every=cfg.run.log_every,
                               ckpt_every=cfg.run.ckpt_every, keep_last=cfg.run.keep_last, progress=cfg.run.progress,
                               tensorboard=cfg.run.tensorboard, seed=cfg.run.seed,
-                              bar_keys=("loss", "top1", "clips_per_s", "mem_gb"), desc="finetune")
+                              bar_keys=("loss", "top1", "clips_per_s", "data_wait_pct", "mem_gb"), desc="finetune")
         trainer = Trainer(model=train_model, compute=FinetuneStep(train_model, cfg, device), loaders=loaders,
                           main_loader="video", optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg), ema=ema, on_epoch_end=validation)

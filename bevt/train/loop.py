@@ -159,6 +159,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         n_micro = 0
+        # host time blocked in next(loader): the step waited for data (the GPU work is asynchronous, so the
+        # host only blocks here when the loaders are behind); logged as a share of the interval's time
+        wait_s = wait_total = 0.0
         t_log = time.perf_counter()
         t0 = t_log
         first: dict[str, float] | None = None
@@ -169,7 +172,9 @@ class Trainer:
             while st.step < cfg.total_steps:
                 lr = self.schedule.apply(st.step)
                 for micro in range(cfg.accum_steps):
+                    t_wait = time.perf_counter()
                     batches = {name: self._next(name) for name in self.loaders}
+                    wait_s += time.perf_counter() - t_wait
                     ctx = StepContext(st.step, micro, cfg.accum_steps, st.epoch, self.device, self.dist, cfg.seed)
                     sync = (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or not self.dist.enabled
                             else self.model.no_sync())
@@ -206,6 +211,8 @@ class Trainer:
                     dt = now - t_log
                     for k, v in counts.items():
                         row[f"{k}_per_s"] = v * self.dist.world_size / max(dt, 1e-9)
+                    row["data_wait_pct"] = 100.0 * wait_s / max(dt, 1e-9)
+                    wait_total += wait_s
                     if self.device.type == "cuda":
                         mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                         peak_mem = max(peak_mem, mem)
@@ -213,7 +220,7 @@ class Trainer:
                     log.log(st.step, row, cfg.bar_keys)
                     first = first or row
                     last = row
-                    sums, counts, n_micro, t_log = {}, {}, 0, now
+                    sums, counts, n_micro, t_log, wait_s = {}, {}, 0, now, 0.0
                 if end_of_epoch:
                     st.epoch += 1
                     st.step_in_epoch = 0
@@ -231,7 +238,8 @@ class Trainer:
             log.close()
         elapsed = time.perf_counter() - t0
         return {"steps": st.step, "epochs": st.epoch, "elapsed_s": elapsed, "first": first or {}, "last": last,
-                "peak_mem_gb": peak_mem, "checkpoint": self.last_checkpoint}
+                "peak_mem_gb": peak_mem, "data_wait_pct": 100.0 * wait_total / max(elapsed, 1e-9),
+                "checkpoint": self.last_checkpoint}
 
 
 def steps_for(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> int:

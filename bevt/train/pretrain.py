@@ -308,7 +308,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
         if dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             save_json(cfg, os.path.join(run_dir, "config.json"))
-        bar_keys = tuple(k for k in ("loss", "acc_video", "acc_image", "clips_per_s", "images_per_s", "mem_gb"))
+        bar_keys = tuple(k for k in ("loss", "acc_video", "acc_image", "clips_per_s", "images_per_s", "data_wait_pct", "mem_gb"))
         loop_cfg = LoopConfig(total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_steps=o.accum_steps,
                               clip_grad=o.clip_grad, amp=amp, log_every=cfg.run.log_every,
                               ckpt_every=cfg.run.ckpt_every, keep_last=cfg.run.keep_last, progress=cfg.run.progress,
@@ -359,6 +359,8 @@ def closing_rows(s: dict) -> list[tuple[str, object]]:
     """The last summary rows of any training run (pretraining, fine-tuning): memory, skipped files,
     checkpoint."""
     rows = []
+    if "data_wait_pct" in s:  # host time blocked on the training loaders, as a share of the whole run
+        rows.append(("waiting for data", f"{s['data_wait_pct']:.1f} % of the run"))
     if s.get("peak_mem_gb"):
         rows.append(("peak GPU memory", f"{s['peak_mem_gb']:.2f} GB"))
     sk = s.get("skipped_files", [])
