@@ -33,11 +33,13 @@ are its three components), O/dO are (B, D, H, W, NH, DH). Token t of window w si
 rolled coordinate p = window origin + t; its source token is (p + shift) mod Lp on each axis; if that
 lies outside the real (D, H, W) grid it is a padded token: k, v come from KVP (2, NH, DH), nothing is
 stored for it. Bit 0 clear: q/k/v/o are (BW, NH, N, DH) contiguous windows. ``LAYOUT >= 2``: 64-bit
-element offsets (tensors of 2**31 elements or more), else 32-bit.
+element offsets (tensors of 2**31 elements or more), else 32-bit. The kernels do not compute these
+coordinates: the launcher's token table TOK (windows per sample, NP) int32 gives each token's source row
+within its sample (DHW tokens per sample) and its shift-mask region (see ``_rows``).
 
-Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (NH, NP, NP);
-SD/SH/SW roll shift (token layout), MD/MH/MW shift of the region mask (0: no mask on that axis); the
-shifts and HAS_PAD are runtime values, so shifted and unshifted blocks of a stage share one compiled kernel.
+Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (NH, NP, NP) and
+of TOK. Run-time values (shifted and unshifted blocks of a stage share one compiled kernel): the windows
+per axis nWd/nWh/nWw, MD/MH/MW shift of the region mask (0: no mask on that axis), HAS_PAD.
 """
 import triton
 import triton.language as tl
@@ -76,52 +78,32 @@ def _win_masked(wi, nWd, nWh, nWw, MD, MH, MW):
 
 
 @triton.jit
-def _rows(n, wi, h, D, H, W, nWd, nWh, nWw,
-          NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-          SD, SH, SW,
-          MD, MH, MW, LAYOUT: tl.constexpr):
-    """Per-token facts for token indices n (a vector; n >= N are tile padding) of window wi, head h.
+def _rows(n, wi, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+          LAYOUT: tl.constexpr):
+    """Per-token facts for token indices n (a vector, n < NP; n >= N are tile padding) of window wi, head h.
 
-    Returns (region, real, row_qkv, row_o): the mask region code, whether
-    the token is real (in the window and, in token layout, inside the unpadded grid), and the element
-    offsets of its (q/k/v) and (o) rows.
+    Returns (region, real, row_qkv, row_o): the shift-mask region code, whether the token is real (in the
+    window and, in token layout, inside the unpadded grid), and the element offsets of its q/k/v and o rows.
+    The window's coordinates are not computed here: TOK (NWS, NP) int32 holds, per window position within a
+    sample and token, (source token within the sample + 1) * 8 + region (0 + region when not real), made
+    once per geometry by the launcher. One load replaces ~35 integer operations per token and tile.
     """
-    N: tl.constexpr = WD * WH * WW
-    inwin = n < N
-    nc = tl.minimum(n, N - 1)  # keep the padding rows' coordinates in range
-    td = nc // (WH * WW)
-    th = (nc // WW) % WH
-    tw = nc % WW
-    nws = nWd * nWh * nWw
-    b = wi // nws
-    wl = wi - b * nws
-    wdi = wl // (nWh * nWw)
-    whi = (wl // nWw) % nWh
-    wwi = wl % nWw
-    # region code: a token is in the "tail" region of an axis (t >= w - mask shift) only in the last window
-    # along that axis; a zero mask shift makes the comparison false everywhere
-    region = ((td >= WD - MD) & (wdi == nWd - 1)).to(tl.int32) * 4
-    region += ((th >= WH - MH) & (whi == nWh - 1)).to(tl.int32) * 2
-    region += ((tw >= WW - MW) & (wwi == nWw - 1)).to(tl.int32)
+    b = wi // NWS
+    code = tl.load(TOK + (wi - b * NWS) * NP + n)
+    region = code & 7
+    real = code >= 8
+    loc = tl.maximum((code >> 3) - 1, 0)
     if LAYOUT % 2 == 1:
-        od = wdi * WD + td + SD
-        oh = whi * WH + th + SH
-        ow = wwi * WW + tw + SW
-        od = tl.where(od >= nWd * WD, od - nWd * WD, od)
-        oh = tl.where(oh >= nWh * WH, oh - nWh * WH, oh)
-        ow = tl.where(ow >= nWw * WW, ow - nWw * WW, ow)
-        real = inwin & (od < D) & (oh < H) & (ow < W)
-        tok = ((b * D + od) * H + oh) * W + ow
+        tok = b * DHW + loc
         if LAYOUT >= 2:
             tok = tok.to(tl.int64)
         row_qkv = tok * (3 * NH * DH) + h * DH
         row_o = tok * (NH * DH) + h * DH
     else:
-        real = inwin
         wh = wi * NH + h
         if LAYOUT >= 2:
             wh = wh.to(tl.int64)
-        row_qkv = (wh * N + nc) * DH
+        row_qkv = (wh * N + loc) * DH
         row_o = row_qkv
     return region, real, row_qkv, row_o
 
@@ -162,20 +144,19 @@ def _bias_tiles(bias_h, rows, BC: tl.constexpr, NCF: tl.constexpr, BCT: tl.const
 
 
 # runtime scalars that must not be specialized (one compiled kernel per window geometry, not per value)
-_RUNTIME = ["D", "H", "W", "nWd", "nWh", "nWw", "SD", "SH", "SW", "MD", "MH", "MW", "HAS_PAD", "zero"]
+_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "MD", "MH", "MW", "HAS_PAD", "zero"]
 
 
 @triton.jit
-def _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+def _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr):
+                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr):
     """Scores of query rows q against key tokens nk of window wi, in the exp2 domain (q.k * scale * log2 e
     + the bias tile, whose planes are pre-scaled by log2 e), with the shift mask from region codes in the
     windows that have one; also returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
-    reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
-                                        MD, MH, MW, LAYOUT)
+    reg_k, real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
     k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
     if masked:
@@ -185,12 +166,12 @@ def _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, masked, qk_scale, D, H, W,
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+               NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
                HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, D, H, W,
-                          nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
+    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, TOK, DHW,
+                          nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -200,10 +181,9 @@ def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_s
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero,
+def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, zero,
               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
               NP: tl.constexpr,
-              SD, SH, SW,
               MD, MH, MW, LAYOUT: tl.constexpr,
               HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
               BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
@@ -216,8 +196,7 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_sc
         bias = _bias_tiles(bias_h, nq, BN, NKF, BNT, NP)
     for wl in range(WPP):
         wi = r * WPP + wl
-        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
-                                        MD, MH, MW, LAYOUT)
+        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -227,34 +206,29 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, D, H, W, nWd, nWh, nWw, qk_sc
         if HOIST:
             for kt in tl.static_range(NKF):
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[kt], m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
-                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
+                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
             if BNT > 0:
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[NKF], m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
-                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
+                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
         else:
             a_qw = nq + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
             for kt in range(NKF):
                 b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
-                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
+                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
             if BNT > 0:
                 b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
                 m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
-                                           qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH,
-                                           SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
+                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
         o = acc / l_i[:, None]
         tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
         tl.store(LSE + (wi * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, D, H, W, nWd, nWh, nWw, qk_scale, zero,
+def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 NP: tl.constexpr,
-                SD, SH, SW,
                 MD, MH, MW, LAYOUT: tl.constexpr,
                 HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
                 BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
@@ -264,22 +238,22 @@ def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, D, H, W, nWd, nWh, nWw, qk_scale, zer
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD, WH,
-                  WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BM, BN, NKF, BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD, WH,
+                  WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD,
-                  WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BMT, BN, NKF,
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD,
+                  WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BMT, BN, NKF,
                   BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dQ and delta
 @triton.jit
-def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+              NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
               HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, D, H, W,
-                          nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
+    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, TOK, DHW,
+                          nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])  # dL/d(score), natural units
@@ -287,9 +261,9 @@ def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, 
 
 
 @triton.jit
-def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale, zero,
+def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale, zero,
              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
              BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
@@ -298,8 +272,7 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, n
     bias_h = TAB + h * (NP * NP)
     for wl in range(WPP):
         wi = r * WPP + wl
-        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
-                                        MD, MH, MW, LAYOUT)
+        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
         masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
         # 1. delta = rowsum(dO * O) for this query tile, kept for the bias-gradient and dK/dV kernels
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
@@ -314,22 +287,22 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, D, H, W, nWd, n
         dq = tl.zeros((BLOCK_M, DH), tl.float32)
         for kt in range(NKF):
             b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
-            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, kt * BN, wi, h, masked, qk_scale, D, H, W,
-                           nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
+            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, kt * BN, wi, h, masked, qk_scale, TOK, DHW,
+                           nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD,
                            IEEE, BN)
         if BNT > 0:
             b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
-            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, NKF * BN, wi, h, masked, qk_scale, D, H, W,
-                           nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD,
+            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, NKF * BN, wi, h, masked, qk_scale, TOK, DHW,
+                           nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD,
                            IEEE, BNT)
         tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
                  mask=real_q[:, None])
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale, zero,
+def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+             NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
                    BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                    BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
@@ -338,18 +311,18 @@ def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, D, H, W, nWd, nWh, 
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale,
-                 zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale,
+                 zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
-                 sm_scale, zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale,
+                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: bias-gradient partials
 @triton.jit
-def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
+def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
                 HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
@@ -362,15 +335,14 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, n
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for wl in range(WPP):
         wi = r * WPP + wl
-        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
-                                        MD, MH, MW, LAYOUT)
+        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         lrow = (wi * NH + h).to(tl.int64) * N + nq
         lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))  # padded query rows: p = 0
         delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
         s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, _win_masked(wi, nWd, nWh, nWw, MD, MH, MW),
-                              qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH, MW, LAYOUT,
+                              qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
                               HAS_PAD, IEEE)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
@@ -380,9 +352,9 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, D, H, W, n
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, D, H, W, nWd, nWh, nWw, qk_scale, zero,
+def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
                 HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                       BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                       BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
@@ -393,31 +365,30 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, D, H, W, nWd, nWh,
     r = pid // (NQT * NKT * NH)
     if qt < NQF:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
     elif BMT > 0:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, D, H, W, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
-def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, qk_scale, D, H, W, nWd, nWh, nWw,
+def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              SD, SH, SW, MD, MH, MW, LAYOUT: tl.constexpr,
+              NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
-    reg_q, real_q, row_q, row_o = _rows(nq, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
-                                        MD, MH, MW, LAYOUT)
+    reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
     q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     lrow = (wi * NH + h).to(tl.int64) * N + nq
@@ -436,11 +407,10 @@ def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, q
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D, H, W, nWd, nWh, nWw, qk_scale,
+def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale,
                sm_scale, zero,
                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                NP: tl.constexpr,
-               SD, SH, SW,
                MD, MH, MW, LAYOUT: tl.constexpr,
                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr, NKT: tl.constexpr,
                BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -455,8 +425,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D,
     dvp = tl.zeros((DH,), tl.float32)
     for wl in range(WPP):
         wi = r * WPP + wl
-        reg_k, real_k, row_k, _ = _rows(nk, wi, h, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW,
-                                        MD, MH, MW, LAYOUT)
+        reg_k, real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
         k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
         masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
         dk = tl.zeros((BLOCK_N, DH), tl.float32)
@@ -465,23 +434,23 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D,
         if HOIST:
             for qt in tl.static_range(NQF):
                 dk, dv = _kv_qstep(k, v, reg_k, bias[qt], dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
+                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
                                    MW, LAYOUT, IEEE, BM)
             if BMT > 0:
                 dk, dv = _kv_qstep(k, v, reg_k, bias[NQF], dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
+                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
                                    MW, LAYOUT, IEEE, BMT)
         else:
             a_kw = nk + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
             for qt in range(NQF):
                 b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
                 dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
+                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
                                    MW, LAYOUT, IEEE, BM)
             if BMT > 0:
                 b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
                 dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
-                                   qk_scale, D, H, W, nWd, nWh, nWw, NH, DH, WD, WH, WW, SD, SH, SW, MD, MH,
+                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
                                    MW, LAYOUT, IEEE, BMT)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
@@ -498,11 +467,10 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, D,
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, D, H, W, nWd, nWh, nWw, qk_scale, sm_scale,
+def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale,
                      zero,
                      NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                      NP: tl.constexpr,
-                     SD, SH, SW,
                      MD, MH, MW, LAYOUT: tl.constexpr,
                      HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
                      BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
@@ -512,12 +480,12 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, D, H, W, n
     h = (pid // NKT) % NH
     r = pid // (NKT * NH)
     if kt < NKF:
-        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, D, H, W, nWd, nWh, nWw,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
                    HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BN)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, D, H, W, nWd, nWh, nWw,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, SD, SH, SW, MD, MH, MW, LAYOUT,
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
                    HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BNT)
 
 

@@ -58,12 +58,14 @@ class Config:
     db_programs: int = 2048  # (the bias-gradient kernel's ranges also set how many partials exist)
     kv_programs: int = 1024
     dbp_max_bytes: int = 64 << 20  # cap of the bias-gradient partials (fewer ranges if exceeded)
-    maxnreg: int = 0  # register cap per thread for all kernels (0: the compiler's choice)
+    # register cap per thread for all kernels (0: the compiler's choice, 240-255 here: 2 CTAs of 4 warps per SM).
+    # 168 gives 3 CTAs at the price of small spills: stage 1 fwd+bwd 3.24 -> 2.93 ms (H100, 2026-11-23)
+    maxnreg: int = 168
 
 
 GPU_CONFIG = Config()
 # the interpreter runs programs one by one in numpy: small tiles exercise the tail logic at little cost
-INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1)
+INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1, maxnreg=0)
 _config_override: Config | None = None
 
 
@@ -131,11 +133,13 @@ class _Geo:
         return (2 * td - 1) * (2 * th - 1) * (2 * tw - 1)
 
     def shifts(self) -> dict:
-        """Roll and mask shifts: run-time arguments (shifted and unshifted blocks share a kernel)."""
-        return dict(SD=self.ss[0], SH=self.ss[1], SW=self.ss[2], MD=self.ms[0], MH=self.ms[1], MW=self.ms[2])
+        """Mask shifts: run-time arguments (shifted and unshifted blocks share a kernel)."""
+        return dict(MD=self.ms[0], MH=self.ms[1], MW=self.ms[2])
 
-    def runtime(self) -> tuple:
-        return (*self.grid, *self.nwin)
+    def runtime(self, tokens: bool, np_: int, device: torch.device) -> tuple:
+        """The geometry arguments every kernel takes: token table, tokens per sample, windows per axis."""
+        return (_token_table(self.ws, self.ss, self.ms, self.grid, self.nwin, tokens, np_, str(device)),
+                math.prod(self.grid), *self.nwin)
 
 
 def _padded_extent(n: int, cfg: Config) -> int:
@@ -145,6 +149,43 @@ def _padded_extent(n: int, cfg: Config) -> int:
         full, tail = _split(n, block)
         ext = max(ext, full * block + tail)
     return ext
+
+
+@functools.lru_cache(maxsize=64)
+def _token_table(ws: tuple, ss: tuple, ms: tuple, grid: tuple, nwin: tuple, tokens: bool, np_: int,
+                 device_str: str) -> torch.Tensor:
+    """(windows per sample, NP) int32: for token n of the window at raster position w within a sample,
+    (source row + 1) * 8 + region, or just the region when the token is not real.
+
+    Source row: token layout, the token's index within its sample's (D, H, W) grid after the roll (window
+    origin + n, shifted, wrapped over the padded grid); it is not real when it falls in the padding.
+    Windowed layout, n itself. Region: the official shift-mask label (bit 2: depth, 1: height, 0: width):
+    set when the token lies in the last ``mask shift`` positions of the last window along that axis.
+    Columns n >= N (tile padding) are 0. The kernels read this instead of recomputing the coordinates.
+    """
+    (wd, wh, ww), (nwd, nwh, nww), (D, H, W) = ws, nwin, grid
+    N = wd * wh * ww
+    n = torch.arange(np_)
+    nc = n.clamp(max=N - 1)[None, :]
+    td, th, tw = nc // (wh * ww), (nc // ww) % wh, nc % ww
+    w = torch.arange(nwd * nwh * nww)[:, None]
+    wdi, whi, wwi = w // (nwh * nww), (w // nww) % nwh, w % nww
+    region = (((td >= wd - ms[0]) & (wdi == nwd - 1)).int() * 4 + ((th >= wh - ms[1]) & (whi == nwh - 1)).int() * 2
+              + ((tw >= ww - ms[2]) & (wwi == nww - 1)).int())
+    inwin = (n < N)[None, :]
+    if tokens:
+        od = (wdi * wd + td + ss[0]) % (nwd * wd)
+        oh = (whi * wh + th + ss[1]) % (nwh * wh)
+        ow = (wwi * ww + tw + ss[2]) % (nww * ww)
+        real = inwin & (od < D) & (oh < H) & (ow < W)
+        src = (od * H + oh) * W + ow
+    else:
+        real = inwin.expand(w.shape[0], -1)
+        src = nc.expand(w.shape[0], -1)
+    code = torch.where(real, (src + 1) * 8, 0) + torch.where(inwin, region, 0)
+    if code.max() >= 2 ** 31:
+        raise ValueError(f"window attention (triton): a sample of {D}x{H}x{W} tokens is too large for the token table")
+    return code.to(torch.int32).to(device_str)
 
 
 @functools.lru_cache(maxsize=32)
@@ -293,8 +334,8 @@ def _launch(spec: LaunchSpec, *args, **runtime):
 def _launch_fwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, lse, scale: float, has_pad: bool):
     spec = launch_specs(geo, tokens, q.dtype, _big(q), _config(q.device, geo.n))["fwd"]
     planes = _expand_bias(bias_table, geo, spec.constexprs["NP"], _plane_dtype(q.dtype))
-    _launch(spec, q, k, v, planes if kvp is None else kvp, planes, o, lse, *geo.runtime(), scale * LOG2E, 0, **geo.shifts(),
-            HAS_PAD=int(has_pad))
+    _launch(spec, q, k, v, planes if kvp is None else kvp, planes, o, lse,
+            *geo.runtime(tokens, spec.constexprs["NP"], q.device), scale * LOG2E, 0, **geo.shifts(), HAS_PAD=int(has_pad))
 
 
 def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, dq, dk, dv, scale: float,
@@ -307,18 +348,19 @@ def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, d
     planes = _expand_bias(bias_table, geo, np_, pdt)
     kvp = planes if kvp is None else kvp  # windowed layout: no kv_pad (any valid pointer)
     delta = torch.empty_like(lse)
+    gargs = geo.runtime(tokens, np_, dev)
     # 1. dQ + delta
-    _launch(specs["dq"], q, k, v, kvp, planes, o, do, lse, delta, dq, *geo.runtime(), scale * LOG2E, scale, 0, **rt)
+    _launch(specs["dq"], q, k, v, kvp, planes, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0, **rt)
     # 2. bias partials (one fp32 (nqp, nkp) plane per range of windows and head)
     f = specs["db"].facts
     dbp = torch.empty(f["ranges"], geo.nh, f["nqp"], f["nkp"], device=dev, dtype=torch.float32)
-    _launch(specs["db"], q, k, v, kvp, planes, do, lse, delta, dbp, *geo.runtime(), scale * LOG2E, 0, **rt)
+    _launch(specs["db"], q, k, v, kvp, planes, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
     # 3. dK, dV (+ kv_pad partials, one per program)
     g = specs["dkdv"].facts
     dkvp = torch.empty(g["ranges"] * geo.nh * g["nkt"] * 2 * geo.d if has_pad else 1, device=dev,
                        dtype=torch.float32)
     planes_t = _expand_bias(bias_table, geo, np_, pdt, transposed=True)
-    _launch(specs["dkdv"], q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *geo.runtime(), scale * LOG2E, scale,
+    _launch(specs["dkdv"], q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E, scale,
             0, **rt)
     # 4. bias-table gradient: gather the partials by table row, in a fixed order
     L = geo.table_rows
