@@ -86,16 +86,9 @@ def test_throughput(data, record, kind, provider):
            items_per_s=round(per_s, 1))
 
 
-@pytest.mark.parametrize("provider,kind", [("dali", "sleep"), ("dali", "busy"), ("pyav8", "sleep"),
-                                           ("pyav16", "sleep")])
-def test_data_wait(data, record, provider, kind):
-    vl = G.make_loader(provider, G.video_dataset(data["videos"]), G.VIDEO_BATCH)
-    il = G.make_loader(provider, G.image_dataset(data["images"]), G.IMAGE_BATCH)
-    try:
-        warmup = 8 if provider == "dali" else 2 * int(provider[4:]) + 4
-        r = G.data_wait(vl, il, step_ms=150.0, kind=kind, steps=10 if QUICK else 30, warmup=warmup)
-    finally:
-        vl.close()
-        il.close()
-    record(op="data_wait", provider=provider, mode=kind, shape="150 ms step, video 8 + images 64",
-           ms=r["wait_ms"], **r)
+@pytest.mark.parametrize("video_provider,image_provider,kind,step_ms", G.DATA_WAIT)
+def test_data_wait(data, record, video_provider, image_provider, kind, step_ms):
+    r = G.measure_data_wait(data, video_provider, image_provider, kind=kind, step_ms=step_ms,
+                            steps=10 if QUICK else 30)
+    record(op="data_wait", provider=f"{video_provider}+{image_provider}", mode=kind,
+           shape=f"{step_ms:.0f} ms step, video 8 + images 64", ms=r["wait_ms"], **r)

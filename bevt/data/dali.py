@@ -71,7 +71,9 @@ from bevt.data.video_io import ImageReadError, MediaReadError, probe
 __all__ = ["DaliLoader", "dali_status", "install_command", "require_dali", "probe_files", "DEFAULT_VIDEO_PIPELINES"]
 
 _DALI_WHEELS = {11: "nvidia-dali-cuda110", 12: "nvidia-dali-cuda120", 13: "nvidia-dali-cuda130"}
-DEFAULT_VIDEO_PIPELINES = 4
+# pipelines side by side for videos on a GPU: measured on an H100 (2026-11-23), 1, 2, 4 and 8 pipelines give
+# 10.6-11.6 clips/s: what bounds it is shared by the pipelines, not per pipeline (docs/dali.md)
+DEFAULT_VIDEO_PIPELINES = 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,8 +476,8 @@ class DaliLoader(Loader):
         num_threads: DALI CPU threads per pipeline (and threads reading files).
         prefetch: batches each pipeline prepares ahead.
         pipelines: DALI pipelines working side by side, batch k going to pipeline k % pipelines (default:
-            ``DEFAULT_VIDEO_PIPELINES`` for videos on a GPU, else 1). One pipeline's video decoding is
-            latency-bound (see docs/dali.md), so several overlap their NVDEC work.
+            1). Several pipelines were meant to overlap the latency of per-sample video decoding; on an
+            H100 they did not raise the throughput (docs/dali.md), so the default is one.
         probe_workers: processes probing the file list up front (default: cores, at most 8).
         probe_cache: optional JSON file that keeps probe results between runs (keyed by size and mtime).
     """
@@ -507,7 +509,7 @@ class DaliLoader(Loader):
         self.seed = int(dataset.seed if seed is None else seed)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.device_id, self.num_threads, self.prefetch = device_id, num_threads, prefetch
-        if pipelines is None:  # NVDEC decoding of one pipeline is latency-bound: overlap several on the GPU
+        if pipelines is None:
             pipelines = DEFAULT_VIDEO_PIPELINES if isinstance(dataset, VideoClipDataset) and device_id is not None else 1
         self.pipelines = int(pipelines)
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
