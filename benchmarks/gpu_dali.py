@@ -13,7 +13,7 @@ JPEG stills of the same size, and frame-id videos whose frames carry their own i
   that leaves the SMs free; ``busy``: bf16 matmuls that occupy them) and takes one video and one image
   batch per step: how long ``next(loader)`` blocks, as a share of the step.
 
-Usage: ``python benchmarks/gpu_dali.py --data /tmp/dali_bench --out results.json``
+Usage: ``python benchmarks/gpu_dali.py --data runs/dali_bench --out results.json``
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -411,7 +412,8 @@ def format_table(res: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=os.environ.get("BEVT_DALI_BENCH_DATA", "/tmp/bevt_dali_bench"),
+    p.add_argument("--data", default=os.environ.get("BEVT_DALI_BENCH_DATA",
+                                                         os.path.join(tempfile.gettempdir(), "bevt_dali_bench")),
                    help="where the synthetic benchmark data is written (reused when present)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="fewer batches and providers")
