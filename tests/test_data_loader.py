@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from bevt.data.datasets import ImageDataset, SkippedFileWarning, VideoClipDataset
+from bevt.data.datasets import ImageDataset, SkippedFileWarning, VideoClipDataset, read_annotation_list
 from bevt.data.loader import Loader, TorchLoader, build_loader, cycle
 
 VIDEO_KW = dict(clip_len=4, interval=4, scale=(64, 72), crop=56, tok_size=28)
@@ -158,3 +158,27 @@ def test_build_loader(synth_dataset):
         build_loader("video", synth_dataset.val_list, batch_size=2, decoder="nvdec")
     with pytest.raises(ValueError, match="kind"):
         build_loader("audio", synth_dataset.val_list, batch_size=2)
+
+
+_FORK_AFTER_DECODE = """
+import sys, torch
+from bevt.data.datasets import VideoClipDataset, read_annotation_list
+ds = VideoClipDataset(read_annotation_list(sys.argv[1], sys.argv[2]), "pretrain", clip_len=4, interval=2,
+                      scale=(64, 72), crop=64, tok_size=32)
+ds[0]  # the parent decodes (and keeps its RGB converter) before the workers fork
+dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context="fork")
+print(sum(b["video"].shape[0] for b in dl))
+"""
+
+
+def test_fork_workers_after_the_parent_decoded(synth_dataset):
+    """Regression: a frame converter kept with a thread pool in the parent hung forked workers."""
+    import os
+    import subprocess
+    import sys
+
+    lst = os.path.join(synth_dataset.root, "train.txt")
+    r = subprocess.run([sys.executable, "-c", _FORK_AFTER_DECODE, lst, str(synth_dataset.root)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == len(read_annotation_list(lst, synth_dataset.root))
