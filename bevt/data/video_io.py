@@ -209,12 +209,20 @@ def _decode_count(path: str, container) -> int:
 _local = threading.local()
 
 
+def _rgb_threads() -> int:
+    """swscale threads of the RGB conversion: automatic inside a data-loader worker (measured on a 16-core
+    H100 machine: PyAV 8 workers 52.6 clips/s vs 43.3 with one thread), one thread elsewhere. A kept
+    converter with a thread pool in the main process hangs workers forked after it (tested)."""
+    import torch.utils.data
+
+    return 0 if torch.utils.data.get_worker_info() is not None else 1
+
+
 def _thread_reformatter():
     """One PyAV reformatter per thread and process, shared by every reader: ``frame.to_ndarray(format="rgb24")``
     builds a fresh conversion context for each frame, while a kept reformatter reuses its context whenever
     the frame size and format repeat (the same pixels; 3.3x faster per 340x256 frame measured). It converts
-    with one thread (``threads=1``): data-loader workers already use every core, and a kept context with
-    swscale's thread pool, made before a fork, hung the forked workers' conversions."""
+    with swscale's thread pool only inside data-loader workers (see :func:`_rgb_threads`)."""
     pid, r = getattr(_local, "rgb", (None, None))
     if pid != os.getpid():  # not one inherited through fork
         from av.video.reformatter import VideoReformatter
@@ -255,6 +263,7 @@ class VideoReader:
             self._container.close()
             raise
         self._rgb = _thread_reformatter()
+        self._rgb_threads = _rgb_threads()
 
     @property
     def info(self) -> VideoInfo:
@@ -324,7 +333,7 @@ class VideoReader:
                     return None
                 i = want_pts.get(frame.pts)
                 if i is not None:
-                    out[i] = self._rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                    out[i] = self._rgb.reformat(frame, format="rgb24", threads=self._rgb_threads).to_ndarray()
                 if frame.pts >= last_pts:
                     break
         except Exception as e:
@@ -347,7 +356,7 @@ class VideoReader:
             for i, frame in enumerate(self._container.decode(video=0)):
                 self.frames_decoded += 1
                 if i in need:
-                    out[i] = self._rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                    out[i] = self._rgb.reformat(frame, format="rgb24", threads=self._rgb_threads).to_ndarray()
                 if i >= last:
                     break
         except Exception as e:
