@@ -36,7 +36,7 @@ from bevt.data.loader import TorchLoader, cycle
 from bevt.data.transforms import normalize
 
 VIDEO_BATCH, IMAGE_BATCH = 8, 64
-# dali = the loader's defaults (videos on a GPU: DEFAULT_VIDEO_PIPELINES pipelines); dali:T:P:N spelled out
+# dali = the loader's defaults (one pipeline); dali:T:P:N spelled out
 PROVIDERS = {"video": ["dali", "dali:4:2:2", "dali:4:2:4", "dali:2:2:8", "pyav8", "pyav16"],
              "image": ["dali", "pyav8", "pyav16"]}
 FRAME_ID_FRAMES = 160
@@ -109,14 +109,14 @@ def image_dataset(items) -> ImageDataset:
 
 
 def make_loader(provider: str, ds, batch_size: int, **kw):
-    """``dali`` / ``dali:THREADS:PREFETCH:PIPELINES`` (defaults 4, 2, the loader's) or ``pyavN`` (N workers)."""
+    """``dali`` / ``dali:THREADS:PREFETCH:PIPELINES`` (defaults 4, 2, 1) or ``pyavN`` (N workers)."""
     if provider.startswith("dali"):
         from bevt.data.dali import DaliLoader
 
         parts = provider.split(":")
         threads = int(parts[1]) if len(parts) > 1 else 4
         prefetch = int(parts[2]) if len(parts) > 2 else 2
-        pipelines = int(parts[3]) if len(parts) > 3 else None
+        pipelines = int(parts[3]) if len(parts) > 3 else 1
         return DaliLoader(ds, batch_size, num_threads=threads, prefetch=prefetch, pipelines=pipelines, **kw)
     if provider.startswith("pyav"):
         # forkserver: workers do not inherit the DALI pipelines' threads of this process
@@ -420,13 +420,13 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all)")
     args = p.parse_args(argv)
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown or not sections:
+        p.error(f"unknown or no section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         print("no CUDA GPU visible: nothing to measure", file=sys.stderr)
         return 2
-    sections = [x for x in args.sections.split(",") if x]
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        p.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     res = run_all(args.data, quick=args.quick, out=args.out, sections=sections)
     print(format_table(res))
     return 0

@@ -68,12 +68,9 @@ from bevt.data.datasets import ImageDataset, SkippedFileWarning, VideoClipDatase
 from bevt.data.loader import Loader, _EpochBatchSampler
 from bevt.data.video_io import ImageReadError, MediaReadError, probe
 
-__all__ = ["DaliLoader", "dali_status", "install_command", "require_dali", "probe_files", "DEFAULT_VIDEO_PIPELINES"]
+__all__ = ["DaliLoader", "dali_status", "install_command", "require_dali", "probe_files"]
 
 _DALI_WHEELS = {11: "nvidia-dali-cuda110", 12: "nvidia-dali-cuda120", 13: "nvidia-dali-cuda130"}
-# pipelines side by side for videos on a GPU: measured on an H100 (2026-11-23), 1, 2, 4 and 8 pipelines give
-# 10.6-11.6 clips/s: what bounds it is shared by the pipelines, not per pipeline (docs/dali.md)
-DEFAULT_VIDEO_PIPELINES = 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,16 +472,16 @@ class DaliLoader(Loader):
             visible, else ``None``: DALI's CPU operators (VP9/VP8/MJPEG videos only), CPU tensors.
         num_threads: DALI CPU threads per pipeline (and threads reading files).
         prefetch: batches each pipeline prepares ahead.
-        pipelines: DALI pipelines working side by side, batch k going to pipeline k % pipelines (default:
-            1). Several pipelines were meant to overlap the latency of per-sample video decoding; on an
-            H100 they did not raise the throughput (docs/dali.md), so the default is one.
+        pipelines: DALI pipelines working side by side, batch k going to pipeline k % pipelines. Several
+            were meant to overlap the latency of per-sample video decoding; on an H100, 1, 2, 4 and 8
+            pipelines all gave 10.6-11.6 clips/s (docs/dali.md), so the default is one.
         probe_workers: processes probing the file list up front (default: cores, at most 8).
         probe_cache: optional JSON file that keeps probe results between runs (keyed by size and mtime).
     """
 
     def __init__(self, dataset, batch_size: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, drop_last: bool = True, device_id: int | str | None = "auto",
-                 num_threads: int = 4, prefetch: int = 2, pipelines: int | None = None,
+                 num_threads: int = 4, prefetch: int = 2, pipelines: int = 1,
                  probe_workers: int | None = None, probe_cache: str | None = None):
         require_dali()
         if not isinstance(dataset, (VideoClipDataset, ImageDataset)):
@@ -493,7 +490,7 @@ class DaliLoader(Loader):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if num_threads < 1 or prefetch < 1 or (pipelines is not None and pipelines < 1):
+        if num_threads < 1 or prefetch < 1 or pipelines < 1:
             raise ValueError(f"num_threads, prefetch and pipelines must be >= 1, got {num_threads}, {prefetch}, "
                              f"{pipelines}")
         if device_id == "auto":
@@ -509,8 +506,6 @@ class DaliLoader(Loader):
         self.seed = int(dataset.seed if seed is None else seed)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.device_id, self.num_threads, self.prefetch = device_id, num_threads, prefetch
-        if pipelines is None:
-            pipelines = DEFAULT_VIDEO_PIPELINES if isinstance(dataset, VideoClipDataset) and device_id is not None else 1
         self.pipelines = int(pipelines)
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
         self._sampler = _EpochBatchSampler(len(dataset), batch_size, self.seed, rank, world_size, shuffle, drop_last)
