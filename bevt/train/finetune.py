@@ -714,13 +714,9 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
 # ----------------------------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("--recipe", default="default",
-                   help=f"named recipe ({', '.join(sorted(_RECIPES))}); default: the embedded run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable, e.g. --set model.init_from=runs/default --set data.root=/data/k400")
-    p.add_argument("--resume", default="", metavar="auto|DIR",
-                   help="continue exactly from a checkpoint folder, a run folder's latest, or 'auto' (the run's own)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from bevt.train.pretrain import add_job_arguments
+
+    add_job_arguments(p, ", ".join(sorted(_RECIPES)), "--set model.init_from=runs/default --set data.root=/data/k400")
     p.add_argument("--list-recipes", action="store_true", help="list the fine-tuning recipes and exit")
 
 
@@ -729,19 +725,6 @@ def run(args) -> int:
         for name, doc in list_recipes().items():
             print(f"{name:<10} {doc}")
         return 0
-    try:
-        cfg = build_config(args.recipe, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"bevt finetune: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        from bevt.config import to_json
+    from bevt.train.pretrain import run_job
 
-        print(to_json(cfg))
-        return 0
-    try:
-        finetune(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"bevt finetune: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job("bevt finetune", build_config, finetune, args)

@@ -370,26 +370,42 @@ def closing_rows(s: dict) -> list[tuple[str, object]]:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_arguments(p) -> None:
-    p.add_argument("--recipe", default="default", help="named recipe (bevt info --recipes); default: the embedded run")
+def add_job_arguments(p, recipe_help: str, set_example: str) -> None:
+    """The arguments every training command takes (pretrain, finetune)."""
+    p.add_argument("--recipe", default="default", help=f"named recipe ({recipe_help}); default: the embedded run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable, e.g. --set optim.lr=1e-4 --set data.root=/data/k400")
+                   help=f"dotted override, repeatable, e.g. {set_example}")
     p.add_argument("--resume", default="", metavar="auto|DIR",
                    help="continue exactly from a checkpoint folder, a run folder's latest, or 'auto' (the run's own)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def run(args) -> int:
+def run_job(command: str, build, job, args) -> int:
+    """Build the config from ``args``, print it or run ``job(cfg, resume=...)``; bad input -> message, exit 2."""
     try:
-        cfg = build_config(args.recipe, args.overrides)
+        cfg = build(args.recipe, args.overrides)
     except (ConfigError, ValueError) as e:
-        print(f"bevt pretrain: {e}", file=sys.stderr)
+        print(f"{command}: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         from bevt.config import to_json
 
         print(to_json(cfg))
         return 0
+    try:
+        job(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_arguments(p) -> None:
+    add_job_arguments(p, "bevt info --recipes", "--set optim.lr=1e-4 --set data.root=/data/k400")
+
+
+def run(args) -> int:
+    return run_job("bevt pretrain", build_config, pretrain, args)
     try:
         pretrain(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError) as e:
