@@ -71,3 +71,26 @@ def broken_videos(synth_dataset, tmp_path):
     bad = [str(tmp_path / n) for n in ("missing.mp4", "empty.mp4", "garbage.mp4", "truncated.mp4")]
     items = [good[0], Sample(bad[0], 1), Sample(bad[1], 2), Sample(bad[2], 3), good[4], Sample(bad[3], 5), good[6]]
     return items, bad
+
+
+def import_triton_kernels(module: str):
+    """``bevt.kernels.<module>``, or None when Triton is missing. Without a GPU it is imported with
+    TRITON_INTERPRET=1 (read when triton is first imported and when the kernels are defined), so CPU
+    tensors run in Triton's interpreter; the module's ``interpreter_ready()`` says whether that worked
+    (it cannot when this process imported triton earlier without it)."""
+    import importlib
+
+    name = f"bevt.kernels.{module}"
+    if torch.cuda.is_available():
+        return importlib.import_module(name)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved

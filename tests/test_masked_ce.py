@@ -19,34 +19,11 @@ import torch.nn.functional as F
 from bevt.ops import BackendUnavailable, masked_ce, masked_ce_ref
 from bevt.ops.masked_ce import CAPABILITIES
 
+from conftest import import_triton_kernels  # tests/conftest.py (pytest puts tests/ on sys.path)
+
 CUDA = torch.cuda.is_available()
 EXTENDED = os.environ.get("BEVT_EXTENDED_TESTS", "0") == "1"
-
-
-def _import_kernels():
-    """Import the kernel module; on CPU in interpreter mode (env var set for the first triton import only)."""
-    if CUDA:
-        from bevt.kernels import masked_ce as kern
-
-        return kern
-    fresh = "triton" not in sys.modules
-    saved = os.environ.get("TRITON_INTERPRET")
-    if fresh:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from bevt.kernels import masked_ce as kern
-    except ImportError:
-        return None
-    finally:
-        if fresh:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-    return kern
-
-
-KERN = _import_kernels()
+KERN = import_triton_kernels("masked_ce")
 TRITON_HERE = KERN is not None and (CUDA or KERN.interpreter_ready())
 DEV = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="Triton kernels cannot run in this process "

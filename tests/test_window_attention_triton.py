@@ -25,32 +25,13 @@ from bevt.ops import backend as be
 from bevt.ops.window_attention import (CAPABILITIES, can_run_triton, partition_windows, reverse_windows,
                                        table_length, window_attention, window_attention_tokens)
 
+from conftest import import_triton_kernels  # tests/conftest.py (pytest puts tests/ on sys.path)
+
 CUDA = torch.cuda.is_available()
 EXTENDED = os.environ.get("BEVT_EXTENDED_TESTS", "0") == "1"
 DEV = "cuda" if CUDA else "cpu"
 TOL = CAPABILITIES["triton"].extra["tolerances"]
-
-
-def _import_kernels():
-    if CUDA:
-        from bevt.kernels import window_attention as kern
-
-        return kern
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported and when the kernels are defined
-    try:
-        from bevt.kernels import window_attention as kern
-    except ImportError:
-        return None
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return kern
-
-
-KERN = _import_kernels()
+KERN = import_triton_kernels("window_attention")
 TRITON_HERE = KERN is not None and (CUDA or KERN.interpreter_ready())
 needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="Triton kernels cannot run in this process "
                                   "(see test_triton_in_fresh_interpreter_process)")
