@@ -239,13 +239,17 @@ def test_failure_mid_run_is_skipped_and_the_run_continues(vp9, tmp_path):
     # the substitutes are the CPU dataset's: the next readable index, with its own label
     assert [b["label"].tolist() for b in got] == [[items[0].label, items[1].label], [items[2].label, items[5].label],
                                                   [items[5].label, items[5].label]]
-    os.remove(tmp_path / "v5.webm")  # next epoch: a missing file is skipped when its bytes are read
+    # resumed for the next epoch after another file went missing (the running loader may already have
+    # prepared the next epoch's first batches while the file was there)
+    os.remove(tmp_path / "v5.webm")
     with pytest.warns(SkippedFileWarning):
-        again = list(loader)
+        resumed = D.DaliLoader(ds, 2, device_id=None, num_threads=2, shuffle=False, prefetch=2, pipelines=2)
+        resumed.load_state_dict(loader.state_dict())
+        again = list(resumed)
     assert [b["label"].tolist() for b in again] == [[items[0].label, items[1].label],
                                                     [items[2].label, items[0].label],
                                                     [items[0].label, items[0].label]]
-    assert loader.epoch == 2 and len(loader.skipped_files) == 3
+    assert resumed.epoch == 2 and len(resumed.skipped_files) == 3
 
 
 @needs_dali
@@ -322,3 +326,118 @@ def test_build_loader_selects_dali(vp9):
         iter(loader)
     auto = build_loader("image", vp9.images_list, batch_size=2, decoder="auto", num_workers=0)
     assert isinstance(auto, D.DaliLoader if D.dali_status("image")[0] else TorchLoader)
+
+
+def _reader_rows(loader) -> list[int]:
+    """How many samples each of the loader's current pipelines reads from a file list (0: decodes them)."""
+    return [len(s.listed) for s in loader._slots]
+
+
+@needs_dali
+def test_reader_and_per_sample_decoding_share_an_epoch(frame_id_videos, tmp_path):
+    """Clips of evenly spaced frames come from file-list readers, clips that loop past the end of a short
+    video from the per-sample decoder: same frames as the plans, same order as the CPU loader, any
+    number of pipelines, exact resume."""
+    from bevt.data.synth import write_video
+
+    frames = np.zeros((20, 128, 160, 3), np.uint8)
+    frames[:] = (16 + 5 * np.arange(20, dtype=np.uint8))[:, None, None, None]
+    write_video(tmp_path / "short.webm", frames, codec="vp9")
+    items = frame_id_videos + [Sample(str(tmp_path / "short.webm"), 2)] + frame_id_videos
+    ds = VideoClipDataset(items, "pretrain", clip_len=8, interval=4, seed=2, **SMALL)  # span 32 > 20 frames
+    cpu_loader = TorchLoader(ds, 1, seed=2)
+    cpu, cpu1 = list(cpu_loader), list(cpu_loader)
+    for pipelines in (1, 2):
+        dali = D.DaliLoader(ds, 1, device_id=None, num_threads=2, pipelines=pipelines)
+        got = list(dali)
+        assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in cpu]
+        for a in got:
+            i = int(a["index"])
+            info = D.probe(ds.items[i].path)
+            want, _ = ds.plan(ds.rng(0, i), info.num_frames, info.height, info.width)
+            np.testing.assert_array_equal(frame_ids(a["video"].transpose(1, 2), 1)[0], want)
+            np.testing.assert_array_equal(frame_ids(a["video_tok"], 1)[0], want)
+        it = iter(dali)  # epoch 1: the pipelines of an epoch read 4 clips from lists and decode 1 alone
+        first = next(it)
+        assert sorted(_reader_rows(dali), reverse=True)[:pipelines] == ([4] if pipelines == 1 else [2, 2])
+        assert 0 in _reader_rows(dali)
+        state = dali.state_dict()
+        rest = [b["index"].tolist() for b in it]
+        resumed = D.DaliLoader(ds, 1, device_id=None, num_threads=2, pipelines=pipelines)
+        resumed.load_state_dict(state)
+        assert [b["index"].tolist() for b in resumed] == rest and len(rest) == 4
+        assert [int(first["index"])] + [r[0] for r in rest] == [b["index"].item() for b in cpu1]
+
+
+@needs_dali
+def test_reader_failure_falls_back_to_per_sample_decoding(vp9, monkeypatch):
+    """A reader that fails with no file to blame: a warning, then every clip decoded alone, same batches."""
+    ds = VideoClipDataset(vp9.train_list, "pretrain", clip_len=4, interval=2, seed=0, **SMALL)
+    ref = [b["video"] for b in D.DaliLoader(ds, 2, device_id=None, num_threads=2)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("reader exploded")
+
+    monkeypatch.setattr(D, "_reader_op", broken)
+    loader = D.DaliLoader(ds, 2, device_id=None, num_threads=2)
+    with pytest.warns(UserWarning, match="reader failed.*reader exploded"):
+        got = [b["video"] for b in loader]
+    assert loader.recoveries == 1 and loader.skipped_files == []
+    assert _reader_rows(loader) == [0] * len(loader._slots)
+    assert len(got) == len(ref) and all(pixel_stats(a, b)[0] <= 2.5 for a, b in zip(got, ref))
+
+
+@needs_dali
+def test_only_clips_a_file_list_can_hold_go_to_the_reader(vp9):
+    ds = VideoClipDataset(vp9.train_list, "pretrain", clip_len=4, interval=2, seed=0, **SMALL)
+    loader = D.DaliLoader(ds, 2, device_id=None, num_threads=2)
+    s = loader._plan_batch(0, 0, read=False).samples[0]
+    assert loader._fits_reader(s)
+    assert not loader._fits_reader(D._Planned(s.index, s.item, "/data/my videos/a.webm", s.label, s.args))
+    looped = (np.array([32, 34, 36, 0], np.int32),) + s.args[1:]
+    assert not loader._fits_reader(D._Planned(s.index, s.item, s.path, s.label, looped))
+    loader.close()
+    for mode, kw in (("finetune", dict(num_segments=4, crop=96, short_side=128)),
+                     ("test", dict(clip_len=4, interval=2, crop=96, short_side=112))):
+        assert not D.DaliLoader(VideoClipDataset(vp9.train_list, mode, **kw), 2, device_id=None)._use_reader
+
+
+@needs_dali
+def test_next_epoch_is_prepared_before_this_one_ends(vp9):
+    """No rebuild stall at epoch boundaries: reader pipelines for epoch e + 1 are built once epoch e's last
+    batch is with DALI; per-sample pipelines simply run on. Batches stay those of the CPU loader."""
+    ds = VideoClipDataset(vp9.train_list, "pretrain", clip_len=4, interval=2, seed=0, **SMALL)
+    loader = D.DaliLoader(ds, 2, device_id=None, num_threads=2, prefetch=2)
+    it = iter(loader)
+    next(it)  # batch 2 (the epoch's last) is handed to DALI now: epoch 1's readers exist
+    assert any(key[0] == 1 for key in loader._route)
+    cpu = TorchLoader(ds, 2, seed=0)
+    assert [b["index"].tolist() for b in it] == [b["index"].tolist() for b in cpu][1:]
+    assert [b["index"].tolist() for b in loader] == [b["index"].tolist() for b in cpu]
+
+    ids = ImageDataset(vp9.images_list, "pretrain", seed=0, crop=96, scale=(112, 128), tok_size=48)
+    images = D.DaliLoader(ids, 2, device_id=None, num_threads=2, pipelines=2)
+    cpu = TorchLoader(ids, 2, seed=0)
+    first = [b["index"].tolist() for b in images]
+    pipes = [s.pipe for s in images._slots]
+    second = [b["index"].tolist() for b in images]
+    assert [s.pipe for s in images._slots] == pipes and images.epoch == 2
+    assert first + second == [b["index"].tolist() for b in cpu] + [b["index"].tolist() for b in cpu]
+
+
+@needs_dali
+def test_file_gone_while_planned_ahead_is_warned_in_the_callers_thread(vp9, tmp_path):
+    """Per-sample batches are planned in a background thread; a file that vanished is skipped there and
+    the warning reaches the caller with the next batch, not a stray thread."""
+    items = []
+    for i, s in enumerate(read_annotation_list(vp9.images_list)):
+        dst = tmp_path / f"im{i}.jpg"
+        shutil.copy(s.path, dst)
+        items.append(Sample(str(dst), s.label))
+    ds = ImageDataset(items, "pretrain", seed=0, crop=96, scale=(112, 128), tok_size=48)
+    loader = D.DaliLoader(ds, 2, device_id=None, num_threads=2, shuffle=False)
+    os.remove(tmp_path / "im5.jpg")  # in the last batch, planned in the background
+    with pytest.warns(SkippedFileWarning, match="im5.jpg.*not found"):
+        got = [b["index"].tolist() for b in loader]
+    assert got == [[0, 1], [2, 3], [4, 5]] and loader.skipped_files == [str(tmp_path / "im5.jpg")]
+    assert loader._held_warnings == []

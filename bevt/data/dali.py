@@ -38,8 +38,16 @@ the wrong shape, the loader decodes every sample that pipeline holds alone in a 
 the ones that fail as skipped, rebuilds the pipelines and re-plans from the failed batch, so a run never
 dies on one file (DALI leaves a pipeline unusable after some errors).
 
-**Pipelines.** ``pipelines`` DALI pipelines run side by side, batch k of an epoch going to pipeline
-k % pipelines, each ``prefetch`` batches ahead; batches are handed out in order.
+**Pipelines.** Training clips of evenly spaced frames (the pretraining recipe; clip sampling for
+fine-tuning) are read by DALI's file-list video reader, which keeps its NVDEC decoder from clip to clip
+(35 clips/s per pipeline on an H100, against 11 for per-sample decoding that opens a decoder per clip):
+for each epoch the loader writes every reader pipeline's list of ``file row start end`` lines from the
+plans (rows number the lines; the reader hands them back as labels and the loader checks them). Other
+clips (looping past the end of a short video, SSv2 segments, test views) and images go through
+per-sample pipelines fed the file bytes. ``pipelines`` pipelines run side by side, the batches dealt to
+them in turn, each ``prefetch`` batches ahead; batches are handed out in order. Per-sample pipelines run
+on across epochs; the next epoch's readers are built as soon as this epoch's last batch is with DALI, so
+no epoch starts with an empty queue.
 
 **Resume.** ``state_dict``/``load_state_dict`` as the CPU loader (same keys, same checks; a state saved
 by either loader resumes the other). Batches that DALI prefetched but the caller never received are
@@ -54,6 +62,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import tempfile
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -70,6 +80,7 @@ from bevt.data.video_io import ImageReadError, MediaReadError, probe
 
 __all__ = ["DaliLoader", "dali_status", "install_command", "require_dali", "probe_files"]
 
+_PLANNER = "bevt-dali-planner"
 _DALI_WHEELS = {11: "nvidia-dali-cuda110", 12: "nvidia-dali-cuda120", 13: "nvidia-dali-cuda130"}
 
 
@@ -250,12 +261,16 @@ class _Batch:
     epoch: int
     position: int
     samples: list[_Planned]
-    encoded: list[np.ndarray] = field(default_factory=list)
+    encoded: list[np.ndarray] = field(default_factory=list)  # empty when a file-list reader reads the files
+    rows: list[int] = field(default_factory=list)  # the samples' lines in that reader's list
 
     def columns(self) -> tuple:
-        """What the pipeline's external source returns: one list per input, the encoded bytes first."""
+        """What the pipeline's external source returns: one list per input, the encoded bytes first; for
+        a reader, the arguments after the frame list (the list gives the frames)."""
         n = len(self.samples[0].args)
-        return (self.encoded,) + tuple([s.args[j] for s in self.samples] for j in range(n))
+        first = 1 if self.rows else 0
+        cols = tuple([s.args[j] for s in self.samples] for j in range(first, n))
+        return cols if self.rows else (self.encoded,) + cols
 
 
 def _f32(*v) -> np.ndarray:
@@ -349,13 +364,40 @@ def _plan_image(ds: ImageDataset, rng: np.random.Generator, info: tuple[int, int
 # Pipeline graphs
 # ----------------------------------------------------------------------------------------------------
 
+def _reader_op(ds: VideoClipDataset, list_path: str, device_id: int | None):
+    """The clips of a file list (``path row start end`` per line) -> (frames FHWC, row).
+
+    Every line yields exactly one clip: frames ``start, start + interval, ...`` (``clip_len`` of them), the
+    range ``[start, end)`` being exactly ``clip_len * interval`` frames and ``step`` that long too. The
+    row number comes back as the label, so the loader can check that the reader kept the list's order.
+    On the GPU this is DALI's NVDEC reader, which keeps its decoder from clip to clip (the per-sample
+    decoder does not: 38 vs 10 clips/s on an H100); without a GPU, the FFmpeg reader with the same
+    file-list semantics (VP9/VP8/MJPEG), which is how CPU CI exercises this path.
+    """
+    from nvidia.dali import fn
+
+    span = ds.clip_len * ds.interval
+    common = dict(file_list=list_path, sequence_length=ds.clip_len, stride=ds.interval, step=span,
+                  random_shuffle=False, name="reader")
+    if device_id is None:
+        video, row = fn.experimental.readers.video(device="cpu", file_list_format="frames",
+                                                   file_list_include_end=False, **common)
+    else:
+        video, row = fn.readers.video(device="gpu", file_list_frame_num=True,
+                                      file_list_include_preceding_frame=False, **common)
+    return video, row
+
+
 def _video_graph(ds: VideoClipDataset, x: dict, device: str) -> list:
     from nvidia.dali import fn, types
 
     S, s = ds.crop, ds.tok_size
-    # affine=False: several pipelines' decoder threads would otherwise be pinned to the same cores
-    extra = {"affine": False} if device == "mixed" else {}
-    v_FHWC = fn.decoders.video(x["encoded"], frames=x["frames"], device=device, **extra)
+    if "decoded" in x:  # read by the file-list reader
+        v_FHWC = x["decoded"]
+    else:
+        # affine=False: several pipelines' decoder threads would otherwise be pinned to the same cores
+        extra = {"affine": False} if device == "mixed" else {}
+        v_FHWC = fn.decoders.video(x["encoded"], frames=x["frames"], device=device, **extra)
     if ds.mode == "pretrain":
         clip = fn.resize(v_FHWC, size=[S, S], roi_start=x["roi_start"], roi_end=x["roi_end"],
                          interp_type=types.INTERP_CUBIC, antialias=True)
@@ -424,22 +466,34 @@ def _image_graph(ds: ImageDataset, x: dict, device: str) -> list:
 
 
 def _build_pipeline(ds, spec: _Spec, source, *, batch_size: int, num_threads: int, device_id: int | None,
-                    prefetch: int):
+                    prefetch: int, reader_list: str | None = None):
+    """A built pipeline fed by ``source`` (see :meth:`_Batch.columns`).
+
+    Without ``reader_list`` the source gives each sample's encoded bytes and every planned argument; with
+    it (videos whose clip is one run of evenly spaced frames) the clips come from :func:`_reader_op` over
+    that list and the source gives the arguments after the frame list; the reader's row numbers are an
+    extra last output.
+    """
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
     dtypes = {"uint8": types.UINT8, "int32": types.INT32, "float": types.FLOAT}
-    names = ("encoded",) + tuple(n for n, _, _ in spec.inputs)
+    inputs = spec.inputs if reader_list is None else spec.inputs[1:]  # the reader replaces "frames"
+    encoded = () if reader_list is not None else (("encoded", "uint8", 1),)
+    columns = encoded + tuple(inputs)
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                     prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)
     with pipe:
-        nodes = fn.external_source(source=source, num_outputs=len(names), batch=True,
-                                   dtype=[types.UINT8] + [dtypes[d] for _, d, _ in spec.inputs],
-                                   ndim=[1] + [n for _, _, n in spec.inputs])
-        x = dict(zip(names, nodes))
+        nodes = fn.external_source(source=source, num_outputs=len(columns), batch=True,
+                                   dtype=[dtypes[d] for _, d, _ in columns], ndim=[n for _, _, n in columns])
+        x = dict(zip((n for n, _, _ in columns), nodes))
+        extra = []
+        if reader_list is not None:
+            x["decoded"], row = _reader_op(ds, reader_list, device_id)
+            extra = [row]
         device = "mixed" if device_id is not None else "cpu"
         graph = _video_graph if isinstance(ds, VideoClipDataset) else _image_graph
-        pipe.set_outputs(*graph(ds, x, device))
+        pipe.set_outputs(*graph(ds, x, device), *extra)
     pipe.build()
     return pipe
 
@@ -472,16 +526,21 @@ class DaliLoader(Loader):
             visible, else ``None``: DALI's CPU operators (VP9/VP8/MJPEG videos only), CPU tensors.
         num_threads: DALI CPU threads per pipeline (and threads reading files).
         prefetch: batches each pipeline prepares ahead.
-        pipelines: DALI pipelines working side by side, batch k going to pipeline k % pipelines. Several
-            were meant to overlap the latency of per-sample video decoding; on an H100, 1, 2, 4 and 8
-            pipelines all gave 10.6-11.6 clips/s (docs/dali.md), so the default is one.
+        pipelines: DALI pipelines working side by side (each with its own reader and NVDEC decoder), the
+            batches dealt to them in turn. Default: 2 for training videos (one reader pipeline delivers
+            ~35 clips/s on an H100, about the Swin-B step's need), else 1.
+        file_lists: read training clips of evenly spaced frames (the pretraining recipe, clip sampling for
+            fine-tuning) with DALI's file-list video reader, which keeps its decoder open from clip to clip;
+            the loader writes each pipeline's list of (file, first frame) for the rest of the epoch. Clips
+            it cannot hold (looping past the end of a short video, SSv2 segments, test views) are decoded
+            one by one from the file bytes. ``False`` decodes every clip that way (slower; for comparison).
         probe_workers: processes probing the file list up front (default: cores, at most 8).
         probe_cache: optional JSON file that keeps probe results between runs (keyed by size and mtime).
     """
 
     def __init__(self, dataset, batch_size: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, drop_last: bool = True, device_id: int | str | None = "auto",
-                 num_threads: int = 4, prefetch: int = 2, pipelines: int = 1,
+                 num_threads: int = 4, prefetch: int = 2, pipelines: int | None = None, file_lists: bool = True,
                  probe_workers: int | None = None, probe_cache: str | None = None):
         require_dali()
         if not isinstance(dataset, (VideoClipDataset, ImageDataset)):
@@ -490,6 +549,10 @@ class DaliLoader(Loader):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        use_reader = (file_lists and isinstance(dataset, VideoClipDataset) and dataset.mode != "test"
+                      and dataset.num_segments is None)
+        if pipelines is None:
+            pipelines = 2 if use_reader else 1
         if num_threads < 1 or prefetch < 1 or pipelines < 1:
             raise ValueError(f"num_threads, prefetch and pipelines must be >= 1, got {num_threads}, {prefetch}, "
                              f"{pipelines}")
@@ -535,9 +598,18 @@ class DaliLoader(Loader):
         self._epoch = 0
         self._position = 0
         self._generation = 0
-        self._pool = ThreadPoolExecutor(max_workers=num_threads)
-        self._slots: list[_Slot] = []  # the pipelines; batch k of an epoch goes to slot k % pipelines
-        self._feed_epoch, self._feed_pos = 0, 0  # the next batch to plan
+        self._pool = ThreadPoolExecutor(max_workers=num_threads)  # reads files
+        # plans per-sample batches ahead, in order; its warnings wait for the caller's thread
+        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_PLANNER)
+        self._held_warnings: list[str] = []
+        self._slots: list[_Slot] = []  # the pipelines of the rest of this epoch
+        self._route: dict[tuple[int, int], _Slot] = {}  # (epoch, position) -> its reader pipeline
+        self._stream: tuple[int, int] | None = None  # per-sample pipelines: where their stream starts
+        self._built_epoch: int | None = None  # the newest epoch with reader pipelines
+        # training clips of evenly spaced frames come from file-list readers (decoders kept open)
+        self._use_reader = use_reader
+        self._list_tmp = tempfile.TemporaryDirectory(prefix="bevt-dali-")  # the readers' file lists
+        self._list_dir, self._lists = self._list_tmp.name, 0
         self._shard: tuple[int | None, np.ndarray | None] = (None, None)
         self._closed = False
 
@@ -545,17 +617,29 @@ class DaliLoader(Loader):
     def _mark_bad(self, path: str, reason: str) -> None:
         if path not in self._bad:
             self._bad[path] = reason
-            warnings.warn(f"skipping unreadable file {path}: {reason}", SkippedFileWarning, stacklevel=3)
+            message = f"skipping unreadable file {path}: {reason}"
+            if threading.current_thread().name.startswith(_PLANNER):
+                self._held_warnings.append(message)  # warned by the caller's thread with its next batch
+            else:
+                warnings.warn(message, SkippedFileWarning, stacklevel=3)
 
-    def _plan_sample(self, epoch: int, index: int, preread: dict) -> tuple[_Planned, np.ndarray]:
-        """Key -> the sample the CPU dataset would return (same substitution of unreadable files)."""
+    def _plan_sample(self, epoch: int, index: int, preread: dict | None) -> tuple[_Planned, np.ndarray | None]:
+        """Key -> the sample the CPU dataset would return (same substitution of unreadable files).
+
+        ``preread`` holds the files' bytes (read again if missing); ``None``: a reader will read the file,
+        so only check that it is still there and not empty.
+        """
         ds, n = self.dataset, len(self.dataset)
         for j in range(min(ds.max_skips + 1, n)):
             k = (index + j) % n
             item = ds.items[k]
             if item.path in self._bad:
                 continue
-            data = preread[item.path] if item.path in preread else _read_bytes(item.path)
+            if preread is None:
+                st = _stat(item.path)
+                data = "file not found" if st is None else "empty file (0 bytes)" if st[0] == 0 else None
+            else:
+                data = preread[item.path] if item.path in preread else _read_bytes(item.path)
             if isinstance(data, str):
                 self._mark_bad(item.path, data)
                 continue
@@ -564,84 +648,154 @@ class DaliLoader(Loader):
         raise RuntimeError(f"{ds.max_skips + 1} files in a row could not be read, starting at index {index} "
                            f"({ds.items[index].path}); the dataset looks broken (see the warnings above)")
 
-    def _plan_batch(self, epoch: int, position: int) -> _Batch:
-        if self._shard[0] != epoch:  # this rank's sample order, computed once per epoch
-            self._shard = (epoch, self._sampler.indices(epoch))
-        shard = self._shard[1]
+    def _plan_batch(self, epoch: int, position: int, read: bool = True) -> _Batch:
+        """The batch at (epoch, position), its files' bytes read unless ``read=False``."""
+        cached = self._shard  # (read once: the background planner uses it too)
+        if cached[0] != epoch:  # this rank's sample order, computed once per epoch
+            cached = self._shard = (epoch, self._sampler.indices(epoch))
+        shard = cached[1]
         b = self.batch_size
         keys = [int(i) for i in shard[position * b:(position + 1) * b]]
-        # the files asked for, read in parallel (substitutes for unreadable ones are read when needed)
-        paths = list(dict.fromkeys(self.dataset.items[i].path for i in keys))
-        paths = [p for p in paths if p not in self._bad]
-        preread = dict(zip(paths, self._pool.map(_read_bytes, paths)))
+        preread = None
+        if read:  # the files asked for, read in parallel (substitutes for unreadable ones when needed)
+            paths = list(dict.fromkeys(self.dataset.items[i].path for i in keys))
+            paths = [p for p in paths if p not in self._bad]
+            preread = dict(zip(paths, self._pool.map(_read_bytes, paths)))
         samples, encoded = [], []
         for i in keys:
             s, data = self._plan_sample(epoch, i, preread)
             samples.append(s)
             encoded.append(data)
-        return _Batch(epoch, position, samples, encoded)
+        return _Batch(epoch, position, samples, encoded if read else [])
 
-    def _plan_next(self) -> _Batch | None:
-        if self._feed_pos >= len(self):
-            return None
-        batch = self._plan_batch(self._feed_epoch, self._feed_pos)
-        self._feed_pos += 1
-        return batch
+    def _fits_reader(self, sample: _Planned) -> bool:
+        """Whether the file-list reader can produce this clip: one run of evenly spaced frames (no loop
+        past the end) of a path a whitespace-separated list can hold."""
+        frames = sample.args[0]
+        ds = self.dataset
+        return (len(frames) == ds.clip_len and bool(np.all(np.diff(frames) == ds.interval))
+                and not any(c.isspace() for c in sample.path))
 
     # -- the DALI side -------------------------------------------------------------------------------------
-    def _new_pipeline(self, source, batch_size: int | None = None):
-        return _build_pipeline(self.dataset, self._spec, source, batch_size=batch_size or self.batch_size,
-                               num_threads=self.num_threads, device_id=self.device_id, prefetch=self.prefetch)
+    def _new_pipeline(self, source, reader_list: str | None = None):
+        return _build_pipeline(self.dataset, self._spec, source, batch_size=self.batch_size,
+                               num_threads=self.num_threads, device_id=self.device_id, prefetch=self.prefetch,
+                               reader_list=reader_list)
 
     def _drop_pipelines(self) -> None:
-        self._slots = []  # DALI frees each pipeline (and its threads) when the last reference goes
+        # DALI frees each pipeline (and its threads) with its last reference
+        self._slots, self._route, self._stream = [], {}, None
 
-    def _slot(self, position: int) -> "_Slot":
-        return self._slots[position % len(self._slots)]
+    def _write_list(self, batches: list[_Batch]) -> str:
+        """A reader's file list for ``batches`` (numbering their rows) -> its path."""
+        span = self.dataset.clip_len * self.dataset.interval
+        lines = []
+        for b in batches:
+            b.rows = list(range(len(lines), len(lines) + len(b.samples)))
+            for s, row in zip(b.samples, b.rows):
+                start = int(s.args[0][0])
+                lines.append(f"{s.path} {row} {start} {start + span}\n")
+        self._lists += 1
+        path = os.path.join(self._list_dir, f"list{self._lists}.txt")
+        with open(path, "w") as f:
+            f.writelines(lines)
+        return path
 
-    def _feed(self, n: int) -> None:
-        """Plan up to ``n`` more batches at the feed cursor, each to its pipeline, and start DALI on them."""
-        touched = []
-        for _ in range(n):
-            batch = self._plan_next()
-            if batch is None:
-                break
-            slot = self._slot(batch.position)
-            slot.rearm()
-            slot.pending.append(batch)
-            touched.append(slot)
-        for slot in dict.fromkeys(touched):
-            slot.run()
+    def _slot_for(self, epoch: int, position: int) -> "_Slot | None":
+        """The pipeline that produces batch (epoch, position), if one is built for it."""
+        if self._stream is not None:  # per-sample pipelines: batch g of the stream goes to pipeline g % P
+            e0, p0 = self._stream
+            g = (epoch - e0) * len(self) + position - p0
+            return self._slots[g % len(self._slots)] if g >= 0 else None
+        return self._route.get((epoch, position))
+
+    def _stream_of(self, first: int, step: int) -> Iterator[tuple[int, int]]:
+        """(epoch, position) of batches first, first + step, ... of the endless stream from ``_stream``."""
+        e0, p0 = self._stream
+        n, g = len(self), first
+        while True:
+            yield e0 + (p0 + g) // n, (p0 + g) % n
+            g += step
 
     def _start(self) -> None:
-        """Make the next output the batch at (epoch, position): keep what is in flight if it is exactly that."""
-        if self._slots:
-            slot = self._slot(self._position)
-            head = slot.inflight[0] if slot.inflight else None
-            if head is not None and (head.epoch, head.position) == (self._epoch, self._position):
-                return
-            if not any(sl.inflight or sl.pending for sl in self._slots):
-                self._feed_epoch, self._feed_pos = self._epoch, self._position
-                self._feed(self.prefetch * len(self._slots))
-                return
-        # nothing built yet, or batches of another place in flight: start afresh
+        """Make the next output the batch at (epoch, position): keep what is in flight if it is exactly that,
+        else build the pipelines from there."""
+        slot = self._slot_for(self._epoch, self._position)
+        head = slot.inflight[0] if slot is not None and slot.inflight else None
+        if head is not None and (head.epoch, head.position) == (self._epoch, self._position):
+            return
         self._drop_pipelines()
-        self._slots = [_Slot(self) for _ in range(self.pipelines)]
-        self._feed_epoch, self._feed_pos = self._epoch, self._position
-        self._feed(self.prefetch * self.pipelines)
+        if self._use_reader:
+            self._build_epoch(self._epoch, self._position)
+            return
+        # per-sample decoding: the pipelines run on across epochs (batches of the next epoch are prepared
+        # while the last ones of this epoch are used), until a failure or a jump rebuilds them
+        self._stream = (self._epoch, self._position)
+        self._slots = [_Slot(self, self._stream_of(j, self.pipelines)) for j in range(self.pipelines)]
+        for s in self._slots:
+            s.start()
 
-    def _fetch(self, pipe, batch: _Batch) -> dict[str, torch.Tensor]:
-        """The pipeline's next outputs as torch tensors, checked against the expected shapes.
+    def _build_epoch(self, epoch: int, position: int) -> None:
+        """Reader pipelines (and a per-sample one if needed) for batches ``position..`` of ``epoch``.
 
-        Raises ``_BadSamples`` when samples came back with the wrong shape.
+        Readers need their whole list when they are built, so the rest of the epoch is planned here; the
+        next epoch's pipelines are built as soon as this epoch's last batch is handed to DALI (see
+        :meth:`_next_batch`), so they decode while the last batches of this one are used.
+        """
+        planned = [self._plan_batch(epoch, p, read=False) for p in range(position, len(self))]
+        fits = [all(self._fits_reader(s) for s in b.samples) for b in planned]
+        reader_batches = [b for b, f in zip(planned, fits) if f]
+        # clips the reader cannot produce (looped past the end of a short video, ...) are decoded one by one
+        decode = deque((b.epoch, b.position) for b, f in zip(planned, fits) if not f)
+        groups = [g for g in (reader_batches[j::self.pipelines] for j in range(self.pipelines)) if g]
+        new = []
+        try:
+            for group in groups:
+                new.append(_Slot(self, deque(group), reader_list=self._write_list(group)))
+        except Exception as e:  # DALI may open the listed files while building the reader
+            self._recover(e, [], [s for g in groups for b in g for s in b.samples])
+            return
+        if decode:
+            new.append(_Slot(self, decode))
+        for slot in new:
+            for item in slot.todo:
+                self._route[(item.epoch, item.position) if isinstance(item, _Batch) else item] = slot
+            self._slots.append(slot)
+            slot.start()
+        self._built_epoch = epoch
+
+    def _build_ahead(self) -> None:
+        """Once every batch of the newest epoch is with DALI, build the next epoch's readers."""
+        if not self._use_reader or any(s.has_more() for s in self._slots) or len(self) == 0:
+            return
+        if self._built_epoch is not None and (self._built_epoch, len(self) - 1) in self._route:
+            self._build_epoch(self._built_epoch + 1, 0)
+
+    def _fetch(self, slot: "_Slot", batch: _Batch) -> dict[str, torch.Tensor]:
+        """The pipeline's next outputs as torch tensors, checked against the expected shapes (and, for a
+        reader, the expected rows of its list).
+
+        Raises ``_BadSamples`` when samples came back with the wrong shape or a reader skipped them.
         """
         from nvidia.dali.plugin.pytorch import feed_ndarray
         from nvidia.dali.tensors import TensorListGPU
 
+        pipe = slot.pipe
         on_gpu = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device) if on_gpu else None
         outs = pipe.share_outputs(stream) if on_gpu else pipe.share_outputs()
         try:
+            if batch.rows:
+                rows = outs[len(self._spec.outputs)]
+                rows = rows.as_cpu() if isinstance(rows, TensorListGPU) else rows
+                got = np.asarray(rows.as_tensor()).reshape(-1).tolist()
+                if got != batch.rows:
+                    # the reader drops files it cannot open when it is built: those rows never come
+                    missing = [s for s, r in zip(batch.samples, batch.rows) if r not in got]
+                    if not missing:
+                        raise RuntimeError(f"internal error: the DALI reader returned rows {got}, expected "
+                                           f"{batch.rows}")
+                    raise _BadSamples(missing, f"the DALI reader skipped rows {sorted(set(batch.rows) - set(got))}")
             out: dict[str, torch.Tensor] = {}
             for (key, shape), tl in zip(self._spec.outputs, outs):
                 wrong = [i for i, sh in enumerate(tl.shape()) if tuple(sh) != shape]
@@ -665,22 +819,26 @@ class DaliLoader(Loader):
         return out
 
     def _check_sample(self, sample: _Planned) -> str | None:
-        """Decode one sample alone in a fresh pipeline -> why it fails, or None if it decodes."""
+        """Decode one sample alone in a fresh pipeline (the reader when it would read it) -> why it fails,
+        or None if it decodes."""
         data = _read_bytes(sample.path)
         if isinstance(data, str):
             return data
-        cols = ([data],) + tuple([a] for a in sample.args)
+        batch = _Batch(0, 0, [sample], [data])
+        reader_list = None
+        if self._use_reader and self._fits_reader(sample):
+            reader_list = self._write_list([batch])
         fed = [False]
 
         def source():
             if fed[0]:
                 raise StopIteration
             fed[0] = True
-            return cols
+            return batch.columns()
 
         try:
             pipe = _build_pipeline(self.dataset, self._spec, source, batch_size=1, num_threads=1,
-                                   device_id=self.device_id, prefetch=1)
+                                   device_id=self.device_id, prefetch=1, reader_list=reader_list)
             outs = pipe.run()
             for (key, shape), tl in zip(self._spec.outputs, outs):
                 if tuple(tl.shape()[0]) != shape:
@@ -690,13 +848,18 @@ class DaliLoader(Loader):
             return f"DALI failed on it ({type(e).__name__}: {msg[:300]})"
         return None
 
-    def _recover(self, error: Exception, suspects: list[_Planned]) -> None:
+    def _recover(self, error: Exception, suspects: list[_Planned], listed: list[_Planned] = ()) -> None:
         """A batch failed: find the files that fail alone, skip them, rebuild, re-plan from this batch.
 
-        Raises when the failure is not a file's: no suspect fails alone, or a sample that decoded before
-        fails too (a broken pipeline or device would otherwise mark every file as bad).
+        ``suspects``: the samples the failing pipeline held; ``listed``: every sample of its reader list,
+        of which those named in the error are suspects too (a reader may fail on any file of its list).
+        When no file fails alone but a reader was involved, the loader goes on without readers (a warning
+        says why). Raises when the failure is not a file's: no suspect fails alone, or a sample that
+        decoded before fails too (a broken pipeline or device would otherwise mark every file as bad).
         """
         self._drop_pipelines()
+        message = str(error)
+        suspects = list(suspects) + [s for s in listed if s.path in message]
         if self._last_good is not None:
             reason = self._check_sample(self._last_good)
             if reason is not None:
@@ -707,10 +870,14 @@ class DaliLoader(Loader):
             reason = self._check_sample(s)
             if reason is not None:
                 failed[s.path] = reason
-        if not failed:
+        if not failed and self._use_reader:
+            self._use_reader = False
+            warnings.warn(f"the DALI file-list reader failed and no single file fails alone; decoding every "
+                          f"clip on its own from here (slower): {' '.join(message.split())[:300]}", stacklevel=3)
+        elif not failed:
             raise RuntimeError(f"the DALI pipeline failed and no single file of the batch fails alone, so the "
                                f"failure cannot be skipped: {error}") from error
-        if self._last_good is None and len(failed) > 1 and len(failed) == len({s.path for s in suspects}):
+        elif self._last_good is None and len(failed) > 1 and len(failed) == len({s.path for s in suspects}):
             raise RuntimeError(f"every file of the first batch fails in DALI alone ({len(failed)} files, e.g. "
                                f"{next(iter(failed.values()))}); that looks like a pipeline or device problem, "
                                f"not bad files: {error}") from error
@@ -720,14 +887,14 @@ class DaliLoader(Loader):
         self._start()  # rebuilt, re-planned from the failed batch (its files now skipped)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        for attempt in range(self.dataset.max_skips + 2):
-            slot = self._slot(self._position)
-            batch = slot.inflight[0] if slot.inflight else None
+        for attempt in range(self.dataset.max_skips + 3):
+            slot = self._slot_for(self._epoch, self._position)
+            batch = slot.inflight[0] if slot is not None and slot.inflight else None
             if batch is None or (batch.epoch, batch.position) != (self._epoch, self._position):
                 raise RuntimeError(f"internal error: the DALI pipeline does not hold batch {self._position} of "
                                    f"epoch {self._epoch}")
             try:
-                out = self._fetch(slot.pipe, batch)
+                out = self._fetch(slot, batch)
             except _BadSamples as e:
                 self._recover(e, e.samples)
                 continue
@@ -735,11 +902,17 @@ class DaliLoader(Loader):
                 raise RuntimeError("internal error: the DALI pipeline ran out of batches inside an epoch") from e
             except RuntimeError as e:
                 # DALI may report the failure of any batch this pipeline holds: suspect all of them
-                self._recover(e, [s for b in slot.inflight for s in b.samples])
+                self._recover(e, [s for b in slot.inflight for s in b.samples], slot.listed)
                 continue
             slot.inflight.popleft()
             self._last_good = batch.samples[0]
-            self._feed(1)  # the batch `prefetch * pipelines` ahead, to the pipeline just emptied
+            while self._held_warnings:
+                warnings.warn(self._held_warnings.pop(0), SkippedFileWarning, stacklevel=4)
+            slot.top_up()  # the pipeline just emptied starts its next batch
+            if self._stream is None:  # reader pipelines: forget what is used up, prepare the next epoch
+                self._route.pop((batch.epoch, batch.position), None)
+                self._slots = [s for s in self._slots if s.has_more() or s.inflight]
+                self._build_ahead()
             return out
         raise RuntimeError(f"the DALI pipeline kept failing on batch {self._position} of epoch {self._epoch}")
 
@@ -820,7 +993,9 @@ class DaliLoader(Loader):
             return
         self._closed = True
         self._drop_pipelines()
+        self._planner.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False)
+        self._list_tmp.cleanup()
 
 
 class _BadSamples(RuntimeError):
@@ -830,42 +1005,63 @@ class _BadSamples(RuntimeError):
 
 
 class _Slot:
-    """One DALI pipeline and the batches it holds (planned, then in flight), oldest first.
+    """One DALI pipeline and the batches it produces, in order: ``todo`` (not yet handed to DALI: planned
+    batches for a reader, whose list is written from them, or (epoch, position) keys, planned when DALI
+    asks for them) and ``inflight`` (handed to DALI, outputs not yet taken).
 
-    DALI's first ``schedule_run`` after building (or ``reset``) runs ``prefetch`` iterations at once, each
-    pulling one batch from :meth:`source`; later calls run one each. When the source has nothing (the
-    epoch ends inside that prefetch) it raises StopIteration, and the pipeline needs ``reset`` before it
-    takes more.
+    DALI's first ``schedule_run`` after building runs ``prefetch`` iterations at once, each pulling one
+    batch from :meth:`source`; later calls run one each, so the loader keeps ``prefetch`` batches in flight
+    by calling :meth:`top_up` after taking an output. When ``todo`` runs out inside that first prefetch,
+    the source raises StopIteration, which ends this pipeline's work (it is not used again).
     """
 
-    def __init__(self, loader: DaliLoader):
-        self.pending: deque[_Batch] = deque()
+    def __init__(self, loader: DaliLoader, todo, reader_list: str | None = None):
+        self.loader = loader
+        self.todo = todo if isinstance(todo, deque) else _Endless(todo)
         self.inflight: deque[_Batch] = deque()
-        self.primed = False
-        self.ended = False
-        self.pipe = loader._new_pipeline(self.source)
+        self.listed = [s for b in todo for s in b.samples] if reader_list is not None else []
+        # per-sample pipelines: the next batch is planned (and its files read) in the background
+        self.plans_ahead, self.planning = reader_list is None, None
+        self.pipe = loader._new_pipeline(self.source, reader_list)
+
+    def _next(self) -> _Batch:
+        if self.planning is not None:
+            batch, self.planning = self.planning.result(), None
+        else:
+            item = self.todo.popleft()
+            batch = item if isinstance(item, _Batch) else self.loader._plan_batch(*item)
+        if self.plans_ahead and self.todo:
+            # plan the following one while the training step runs (its host thread mostly waits on the GPU)
+            self.planning = self.loader._planner.submit(self.loader._plan_batch, *self.todo.popleft())
+        return batch
+
+    def has_more(self) -> bool:
+        return bool(self.todo) or self.planning is not None
 
     def source(self):
         # called by DALI in the loader's thread, inside schedule_run
-        if not self.pending:
-            self.ended = True
+        if not self.has_more():
             raise StopIteration
-        batch = self.pending.popleft()
+        batch = self._next()
         self.inflight.append(batch)
         return batch.columns()
 
-    def rearm(self) -> None:
-        if self.ended and not self.inflight:
-            self.pipe.reset()
-            self.primed = self.ended = False
+    def start(self) -> None:
+        self.pipe.schedule_run()
 
-    def run(self) -> None:
-        """Start DALI on every pending batch."""
-        if not self.pending:
-            return
-        if not self.primed:
-            self.primed = True
+    def top_up(self) -> None:
+        if self.has_more():
             self.pipe.schedule_run()
-        else:
-            for _ in range(len(self.pending)):
-                self.pipe.schedule_run()
+
+
+class _Endless:
+    """An endless iterator of keys with the deque methods :class:`_Slot` uses."""
+
+    def __init__(self, keys: Iterator):
+        self._keys = keys
+
+    def __bool__(self) -> bool:
+        return True
+
+    def popleft(self):
+        return next(self._keys)
