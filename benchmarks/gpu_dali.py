@@ -36,8 +36,8 @@ from bevt.data.loader import TorchLoader, cycle
 from bevt.data.transforms import normalize
 
 VIDEO_BATCH, IMAGE_BATCH = 8, 64
-# dali = the loader's defaults (one pipeline); dali:T:P:N spelled out
-PROVIDERS = {"video": ["dali", "dali:4:2:2", "dali:4:2:4", "dali:2:2:8", "pyav8", "pyav16"],
+# dali = the loader's defaults (2 reader pipelines for training videos, 1 for images); dali:T:P:N spelled out
+PROVIDERS = {"video": ["dali:4:2:1", "dali:4:2:2", "dali:4:2:4", "dali-per-sample", "pyav8", "pyav16"],
              "image": ["dali", "pyav8", "pyav16"]}
 FRAME_ID_FRAMES = 160
 # The joint BEVT step at 8 clips + 64 images on one H100, fast path (benchmarks/RESULTS.md): the pace the
@@ -45,9 +45,8 @@ FRAME_ID_FRAMES = 160
 SWIN_B_STEP_MS = 238.0
 # data-wait runs: (video loader, image loader, GPU work, step ms). "pyav16+dali" is what decoder=auto picks on
 # a GPU machine with DALI (videos on CPU workers, images on nvJPEG).
-DATA_WAIT = [("pyav16", "dali", "busy", SWIN_B_STEP_MS), ("pyav12", "dali", "busy", SWIN_B_STEP_MS),
-             ("pyav8", "pyav8", "busy", SWIN_B_STEP_MS), ("dali", "dali", "busy", SWIN_B_STEP_MS),
-             ("pyav16", "dali", "busy", 150.0)]
+DATA_WAIT = [("dali", "dali", "busy", SWIN_B_STEP_MS), ("dali:4:2:1", "dali", "busy", SWIN_B_STEP_MS),
+             ("pyav16", "dali", "busy", SWIN_B_STEP_MS), ("dali", "dali", "busy", 150.0)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def frame_ids(x_BT3HW: torch.Tensor) -> np.ndarray:
     return (lo + 40 * hi).long().cpu().numpy()
 
 
-def make_data(root: str | os.PathLike, *, num_videos: int = 64, num_images: int = 512, frames: int = 160,
+def make_data(root: str | os.PathLike, *, num_videos: int = 256, num_images: int = 512, frames: int = 160,
               size: tuple[int, int] = (340, 256), workers: int | None = None) -> dict:
     """Write (or reuse) the benchmark data under ``root`` -> dict of lists and sample lists."""
     from bevt.data import synth
@@ -109,14 +108,19 @@ def image_dataset(items) -> ImageDataset:
 
 
 def make_loader(provider: str, ds, batch_size: int, **kw):
-    """``dali`` / ``dali:THREADS:PREFETCH:PIPELINES`` (defaults 4, 2, 1) or ``pyavN`` (N workers)."""
+    """``dali`` (the loader's defaults) / ``dali:THREADS:PREFETCH:PIPELINES``, ``dali-per-sample`` (no file-list
+    readers: every clip decoded alone) or ``pyavN`` (N workers)."""
+    if provider == "dali-per-sample":
+        from bevt.data.dali import DaliLoader
+
+        return DaliLoader(ds, batch_size, file_lists=False, **kw)
     if provider.startswith("dali"):
         from bevt.data.dali import DaliLoader
 
         parts = provider.split(":")
-        threads = int(parts[1]) if len(parts) > 1 else 4
-        prefetch = int(parts[2]) if len(parts) > 2 else 2
-        pipelines = int(parts[3]) if len(parts) > 3 else 1
+        if len(parts) == 1:
+            return DaliLoader(ds, batch_size, **kw)
+        threads, prefetch, pipelines = (int(x) for x in parts[1:])
         return DaliLoader(ds, batch_size, num_threads=threads, prefetch=prefetch, pipelines=pipelines, **kw)
     if provider.startswith("pyav"):
         # forkserver: workers do not inherit the DALI pipelines' threads of this process

@@ -2,8 +2,10 @@
 
 Data: synthetic H.264 clips of 340x256 x 160 frames and JPEGs of the same size, written once per session
 (``BEVT_DALI_BENCH_DATA`` to keep them between sessions). Providers: ``dali`` (NVDEC + nvJPEG + CUDA
-resizing with the loader's defaults: 4 threads, prefetch 2, 1 pipeline), ``dali:T:P:N``
-(T threads, prefetch P, N pipelines side by side), ``pyav8`` / ``pyav16`` (CPU worker processes). Modes: ``video``
+resizing with the loader's defaults: 4 threads, prefetch 2, 2 file-list reader pipelines for training
+videos, 1 pipeline for images), ``dali:T:P:N`` (T threads, prefetch P, N pipelines side by side),
+``dali-per-sample`` (every clip decoded alone, no file-list reader), ``pyav8`` / ``pyav16`` (CPU worker
+processes). Modes: ``video``
 (pretraining clips 16 x 8, 224 + 112 copy, batch 8) and ``image`` (pretraining images with colour jitter,
 batch 64). ``BEVT_DALI_BENCH_QUICK=1`` shortens every measurement (a smoke run, not for the tables).
 
