@@ -300,9 +300,10 @@ def build_loader(kind: str, items, *, batch_size: int, mode: str = "pretrain", d
       ``num_workers`` sets its CPU threads and ``prefetch_factor`` the batches it prepares ahead;
     * ``auto``: ``dali`` when DALI is installed and a CUDA GPU is visible (with NVDEC for videos), for
       images and for training clips of evenly spaced frames (DALI's file-list reader: 70 clips/s with
-      two pipelines and nvJPEG 4960 images/s on an H100, leaving the CPU cores alone: the Swin-B step
-      waited 7 % of its time on DALI videos + images vs 20 % with 16 PyAV workers, docs/dali.md); else
-      ``pyav``, which is faster than DALI's per-sample decoding (SSv2 segments, test views).
+      two pipelines, nvJPEG ~4000 images/s on an H100, without using the CPU cores: a simulated Swin-B
+      step waited 3.7 % of its time on DALI videos + images vs 14 % with 16 PyAV workers; the real
+      pretraining loop ran at the same speed with either, docs/dali.md); else ``pyav``, which is faster
+      than DALI's per-sample decoding (SSv2 segments, test views).
 
     Both give the same samples with the same augmentation draws (pixels differ by decoder and
     resampling rounding). ``dataset_kwargs`` go to :class:`VideoClipDataset` / :class:`ImageDataset`
