@@ -16,14 +16,17 @@ class _Loader:
 
     def __init__(self, n: int, delay: float):
         self.n, self.delay, self.epoch = n, delay, 0
+        self.epochs_started: list[int] = []
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
+        self.epochs_started.append(self.epoch)
         for i in range(self.n):
             time.sleep(self.delay)
             yield {"x": torch.full((4, 3), float(i)), "y": torch.ones(4, 1)}
+        self.epoch += 1  # as every Loader: a finished iteration moves on to the next epoch
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -60,3 +63,22 @@ def test_data_wait_share_is_logged(tmp_path, delay, compute_s, lo, hi):
     for r in rows:
         assert lo <= r["data_wait_pct"] <= hi, r
     assert lo * 0.8 <= summary["data_wait_pct"] <= hi, summary
+
+
+def test_secondary_loader_cycles_through_consecutive_epochs(tmp_path):
+    """A shorter secondary loader (the image stream) restarts with its next epoch, none skipped: a skipped
+    epoch would also make a loader that prepared the next epoch (DALI) throw that work away and rebuild."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    images = _Loader(2, 0.0)
+
+    def compute(batches, ctx):
+        loss = torch.nn.functional.mse_loss(model(batches["main"]["x"]), batches["main"]["y"])
+        return loss, {"loss": loss}, {"clips": 4}
+
+    steps = 7
+    cfg = LoopConfig(total_steps=steps, steps_per_epoch=steps, log_every=7, progress=False, tensorboard=False)
+    Trainer(model=model, compute=compute, loaders={"main": _Loader(steps, 0.0), "images": images}, main_loader="main",
+            optimizer=opt, schedule=CosineSchedule(opt, base_lr=0.01, total_steps=steps, warmup_steps=0),
+            cfg=cfg, device=torch.device("cpu"), dist=DistInfo(), run_dir=str(tmp_path), config_dict={}).fit()
+    assert images.epochs_started == [0, 1, 2, 3]

@@ -140,7 +140,8 @@ class Trainer:
             if name == self.main:
                 raise RuntimeError(f"the {name!r} loader ran out inside an epoch: it has {len(loader)} batches, the "
                                    f"loop needs {self.cfg.steps_per_epoch * self.cfg.accum_steps}")
-            loader.set_epoch(loader.epoch + 1)  # secondary loaders cycle endlessly (official runner)
+            # secondary loaders cycle endlessly (official runner); the finished iteration already moved the
+            # loader to its next epoch, whose first batches it may have prepared (DALI)
             self._iters[name] = iter(loader)
             return next(self._iters[name])
 
