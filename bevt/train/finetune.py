@@ -583,7 +583,6 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     checkpoint and what loading it did.
     """
     from bevt.data.loader import build_loader
-    from bevt.train import checkpoint as ckpt
     from bevt.train.distributed import cleanup
     from bevt.train.ema import ModelEMA
     from bevt.train.logger import format_summary
@@ -659,13 +658,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
         trainer = Trainer(model=train_model, compute=FinetuneStep(train_model, cfg, device), loaders=loaders,
                           main_loader="video", optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg), ema=ema, on_epoch_end=validation)
-        resume_dir = ckpt.resolve_resume(resume, run_dir)
-        if resume_dir:
-            trainer.resume(resume_dir)
-            if dist.is_main:
-                print(f"bevt: resumed from {resume_dir} at step {trainer.state.step}", file=sys.stderr)
-        elif resume == "auto" and dist.is_main:
-            print(f"bevt: no checkpoint in {run_dir}; starting from the beginning", file=sys.stderr)
+        trainer.resume_as_asked(resume)
         result = trainer.fit()
         if validation is not None and (not validation.history or validation.history[-1]["step"] != trainer.state.step):
             validation.run(trainer.state.epoch, trainer.state.step)  # the run stopped mid-epoch (max_steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -98,6 +99,17 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "world_size": self.dist.world_size,
         }
+
+    def resume_as_asked(self, resume: str | None) -> None:
+        """``resume``: None (start fresh), a checkpoint folder, a run folder (its latest), or ``"auto"`` (this
+        run's own latest, starting fresh when it has none); says on stderr what happened."""
+        resume_dir = ckpt.resolve_resume(resume, self.run_dir)
+        if resume_dir:
+            self.resume(resume_dir)
+            if self.dist.is_main:
+                print(f"bevt: resumed from {resume_dir} at step {self.state.step}", file=sys.stderr)
+        elif resume == "auto" and self.dist.is_main:
+            print(f"bevt: no checkpoint in {self.run_dir}; starting from the beginning", file=sys.stderr)
 
     def resume(self, ckpt_dir: str) -> None:
         """Continue exactly where the checkpoint left off (model, optimizer, scaler, data, RNG)."""

@@ -265,7 +265,6 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     from bevt.data.loader import build_loader
     from bevt.models.bevt import create_bevt
     from bevt.models.inflate import load_pretrained
-    from bevt.train import checkpoint as ckpt
     from bevt.train.optim import CosineSchedule, build_optimizer, param_groups
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
@@ -316,13 +315,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
         trainer = Trainer(model=train_model, compute=PretrainStep(train_model, tokenizer, cfg, device), loaders=loaders,
                           main_loader=main, optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg))
-        resume_dir = ckpt.resolve_resume(resume, run_dir)
-        if resume_dir:
-            trainer.resume(resume_dir)
-            if dist.is_main:
-                print(f"bevt: resumed from {resume_dir} at step {trainer.state.step}", file=sys.stderr)
-        elif resume == "auto" and dist.is_main:
-            print(f"bevt: no checkpoint in {run_dir}; starting from scratch", file=sys.stderr)
+        trainer.resume_as_asked(resume)
         result = trainer.fit()
         skipped = sorted(set().union(*[set(l.skipped_files) for l in loaders.values()]))
         for loader in loaders.values():
