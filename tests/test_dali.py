@@ -441,3 +441,14 @@ def test_file_gone_while_planned_ahead_is_warned_in_the_callers_thread(vp9, tmp_
         got = [b["index"].tolist() for b in loader]
     assert got == [[0, 1], [2, 3], [4, 5]] and loader.skipped_files == [str(tmp_path / "im5.jpg")]
     assert loader._held_warnings == []
+
+
+@needs_dali
+def test_bad_loader_options_are_clear_errors(vp9):
+    ds = VideoClipDataset(vp9.train_list, "pretrain", clip_len=4, interval=2, seed=0, **SMALL)
+    for kw, msg in ((dict(pipelines=0), "pipelines must be >= 1"), (dict(prefetch=0), "prefetch"),
+                    (dict(num_threads=0), "num_threads"), (dict(rank=2, world_size=2), "rank must be in")):
+        with pytest.raises(ValueError, match=msg):
+            D.DaliLoader(ds, 2, device_id=None, **kw)
+    assert D.DaliLoader(ds, 2, device_id=None).pipelines == 2  # the default for training videos (readers)
+    assert D.DaliLoader(ds, 2, device_id=None, file_lists=False).pipelines == 1
