@@ -8,6 +8,7 @@ An extended seeded sweep runs with BEVT_EXTENDED_TESTS=1.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -221,6 +222,26 @@ def test_triton_under_torch_compile_without_graph_breaks():
     eager = run(kern.masked_ce, h, mask, w, b, t, g=2.0)
     for x, y in zip(got, eager):
         assert torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["ref", pytest.param("triton", marks=needs_triton)])
+def test_fp32_hidden_under_autocast_runs_the_head_in_the_autocast_dtype(backend, monkeypatch):
+    """As F.linear under autocast: an fp32 hidden (a LayerNorm's output under autocast) is cast to the
+    autocast dtype, so the Triton GEMMs never fall back to fp32 inside a bf16 training step."""
+    from bevt.ops import backend as be
+
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the public op runs Triton on CPU only in the interpreter
+    be.triton_status.cache_clear()
+    h, mask, w, b, t = make(2, 40, 32, 100, seed=11)
+    fn = functools.partial(masked_ce, backend=backend)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        got = run(fn, h, mask, w, b, t)
+    want = run(fn, h.bfloat16(), mask, w, b, t)
+    assert got[2].dtype == torch.float32  # the gradient flows back to the fp32 leaf through the cast
+    for x, y in zip(got, want):
+        assert torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-6), backend
+    be.triton_status.cache_clear()
 
 
 @needs_triton
