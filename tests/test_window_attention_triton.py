@@ -239,6 +239,23 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 @needs_triton
+def test_swin_block_compiles_fullgraph_through_the_backend_choice():
+    """The public op (backend choice included) and a whole Swin block trace without a graph break."""
+    from bevt.models.video_swin import SwinTransformerBlock3D
+
+    torch.manual_seed(0)
+    blk = SwinTransformerBlock3D(32, 2, (2, 4, 4), (1, 2, 2)).to(DEV)
+    x = torch.randn(1, 2, 5, 6, 32, device=DEV, requires_grad=True)
+    with be.use_backend("triton"):
+        eager = blk(x)
+        (gx_eager,) = torch.autograd.grad(eager.square().sum(), x)
+        out = torch.compile(blk, fullgraph=True, backend="aot_eager")(x)
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+@needs_triton
 def test_custom_ops_pass_opcheck():
     geo = [[2, 3, 3], [1, 1, 1], [2, 3, 3], [1, 1, 1]]
     qkv, table, kvp, _ = make(1, (2, 3, 4), 1, 16, (2, 3, 3), torch.float32, seed=4)

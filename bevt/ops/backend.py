@@ -17,7 +17,6 @@ The environment variable ``BEVT_KERNELS`` is parsed here and only here. Forms:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import importlib.util
@@ -137,9 +136,11 @@ def priority(op: str) -> tuple[str, ...]:
 Predicate = Callable[[bool], bool]  # predicate(raise_error) -> bool
 
 
-# True while the predicate of an explicitly requested backend runs: only then may Triton kernels run on
-# CPU tensors in the interpreter (auto never picks the interpreter: it is orders of magnitude slower).
-_explicit = contextvars.ContextVar("bevt_explicit_backend", default=False)
+# Non-zero while the predicate of an explicitly requested backend runs: only then may Triton kernels run
+# on CPU tensors in the interpreter (auto never picks the interpreter: it is orders of magnitude slower).
+# A plain module counter, not a ContextVar, so that torch.compile can trace the choice without a graph
+# break; it only matters under TRITON_INTERPRET=1 (tests), where ops are not chosen from several threads.
+_explicit_depth = 0
 
 
 def choose(op: str, backend: str | None, predicates: dict[str, Predicate]) -> str:
@@ -149,11 +150,12 @@ def choose(op: str, backend: str | None, predicates: dict[str, Predicate]) -> st
         if requested not in predicates:
             raise BackendUnavailable(
                 f"{op}: unknown backend {requested!r}; this op has {', '.join(predicates)}")
-        token = _explicit.set(True)
+        global _explicit_depth
+        _explicit_depth += 1
         try:
             predicates[requested](True)
         finally:
-            _explicit.reset(token)
+            _explicit_depth -= 1
         return requested
     reasons = {}
     for name in _PRIORITY[op]:
@@ -175,9 +177,17 @@ def verdict(op: str, backend: str, reasons: Sequence[str], raise_error: bool) ->
 
 
 # ----------------------------------------------------------------------------- environment facts
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # a fact of the process: torch.compile reads it, traces nothing
 def triton_status() -> tuple[bool, str]:
     """Can Triton kernels run here at all? (ok, reason-if-not)."""
+    return _triton_status()
+
+
+triton_status.cache_clear = lambda: _triton_status.cache_clear()  # tests change TRITON_INTERPRET
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'triton>=3.2')"
     try:
@@ -206,7 +216,7 @@ def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and triton_interpreting():
-            if _explicit.get():
+            if _explicit_depth:
                 continue
             reasons.append("CPU tensors run Triton kernels only in the interpreter, which auto never picks "
                            "(ask for backend='triton' explicitly)")
@@ -219,9 +229,14 @@ def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
 EXTENSION_BUILD_COMMAND = "BEVT_BUILD_EXT=1 pip install --no-build-isolation -e ."
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def cuda_extension_status() -> tuple[bool, str]:
     """Is the compiled CUDA extension ``bevt._C`` importable? (ok, reason-if-not)."""
+    return _cuda_extension_status()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_status() -> tuple[bool, str]:
     try:
         importlib.import_module("bevt._C")
     except ImportError as e:
