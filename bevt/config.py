@@ -190,7 +190,10 @@ class RunConfig:
     amp: str = "auto"
     """``bf16``, ``fp16`` (with a grad scaler, for V100), ``off``; ``auto``: bf16 on CUDA, off on CPU."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile every Swin block (``bevt.models.compile_blocks``): fuses the element-wise work around
+    the matmuls and kernels and cuts the host time per block (benchmarks/RESULTS.md, the BEVT step). Each
+    new geometry (stream, stage, batch size) compiles once; the first steps wait for it (about 2 minutes
+    for Swin-B on an H100 host)."""
     log_every: int = 10
     """Steps between log lines (the only host syncs of the loop)."""
     ckpt_every: int = 0

@@ -253,11 +253,16 @@ def setup_runtime(run, kernels) -> tuple[torch.device, DistInfo, str]:
 
 
 def wrap_model(model: torch.nn.Module, dist: DistInfo, device: torch.device, *, compile: bool = False):
-    """The module the loop trains: DDP around ``model`` when there are several processes, then compiled."""
+    """The module the loop trains: ``model`` with its Swin blocks compiled (``compile``), in DDP when there
+    are several processes. Blocks, not the whole model: see :func:`bevt.models.compile_blocks`."""
+    if compile:
+        from bevt.models import compile_blocks
+
+        compile_blocks(model)
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if compile else model
+    return model
 
 
 def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
