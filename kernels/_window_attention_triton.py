@@ -46,6 +46,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MASK2 = tl.constexpr(-100.0 * LOG2E)  # the official -100 additive mask, in the exp2 domain
+LOG2E_K = tl.constexpr(LOG2E)  # (a kernel reads only constexpr globals)
 
 
 @triton.jit
@@ -487,6 +488,22 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, 
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw,
                    qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
                    HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BNT)
+
+
+# ----------------------------------------------------------------------------- bias planes from the table
+@triton.jit
+def _expand_bias_kernel(TAB, IDX, OUT, NH: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[t, h, i, :] = TAB[IDX[t, i, :], h] * log2(e) in OUT's dtype; IDX -1: -inf (padded column),
+    -2: 0 (padded row). One program per (row i, head h, plane t: 0 = bias(i, j), 1 = transposed)."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.program_id(2)
+    cols = tl.arange(0, BLOCK)
+    live = cols < NP
+    idx = tl.load(IDX + (t * NP + i) * NP + cols, mask=live, other=-2)
+    val = tl.load(TAB + idx * NH + h, mask=live & (idx >= 0), other=0.0).to(tl.float32) * LOG2E_K
+    val = tl.where(idx == -1, float("-inf"), val)
+    tl.store(OUT + ((t * NH + h) * NP + i).to(tl.int64) * NP + cols, val.to(OUT.dtype.element_ty), mask=live)
 
 
 # ----------------------------------------------------------------------------- bias-table gradient gather

@@ -32,11 +32,12 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from bevt.kernels._launch import CachedKernel as _Kernel
 
 __all__ = ["masked_ce", "masked_ce_forward", "default_config", "chunk_bound", "interpreter_ready",
            "config_override"]
@@ -47,86 +48,9 @@ __all__ = ["masked_ce", "masked_ce_forward", "default_config", "chunk_bound", "i
 CHUNK_BUDGET_BYTES = 36 * 2 ** 20
 
 
-class _Kernel:
-    """A @triton.jit kernel; CPU tensors run it in Triton's interpreter (TRITON_INTERPRET=1 set before
-    triton was imported), CUDA tensors compile it.
-
-    On CUDA, the compiled kernel is kept per argument specialization (every int's value, except the
-    ``do_not_specialize`` ones, each tensor's dtype and 16-byte alignment, the constexprs, warps and stages):
-    a repeated launch goes straight to the compiled kernel's launcher, skipping Triton's per-call argument
-    binding, which costs tens of microseconds per launch and this op makes about three launches per chunk.
-    """
-
-    def __init__(self, fn, do_not_specialize=()):
-        self.fn = triton.jit(fn, do_not_specialize=list(do_not_specialize))
-        self.dns = set(do_not_specialize)
-        self.names = [p.name for p in getattr(self.fn, "params", [])]
-        self._compiled = {}
-        self.cache_launches = True
-
-    def _spec(self, name, v):
-        if isinstance(v, torch.Tensor):
-            return (v.dtype, v.data_ptr() % 16 == 0)
-        if isinstance(v, bool) or v is None or isinstance(v, str):
-            return v
-        if isinstance(v, int):
-            return ("i32" if -2 ** 31 <= v < 2 ** 31 else "i64") if name in self.dns else v
-        if isinstance(v, float):
-            return "fp32"
-        if hasattr(v, "block_shape"):  # a host tensor descriptor
-            return ("desc", v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.shape), tuple(v.strides),
-                    tuple(v.block_shape))
-        return (type(v).__name__, repr(v))
-
-    def __call__(self, grid, device: torch.device, *args, **kwargs):
-        if device.type == "cpu":
-            if not isinstance(self.fn, InterpretedFunction):
-                raise RuntimeError("masked_ce (triton): CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
-                                   "before triton is first imported")
-            for k in ("num_warps", "num_stages"):
-                kwargs.pop(k, None)
-            # stale rows of the chunk (poisoned with NaN on CPU) reach only output rows that are never stored
-            with _interpreter_scalar_index(), np.errstate(all="ignore"):
-                return self.fn[grid](*args, **kwargs)
-        vals = list(args) + [kwargs[n] for n in self.names[len(args):]]
-        key = (kwargs.get("num_warps"), kwargs.get("num_stages"), device.index,
-               tuple(self._spec(n, v) for n, v in zip(self.names, vals)))
-        k = self._compiled.get(key)
-        if k is not None:
-            try:
-                return k[tuple(grid) + (1,) * (3 - len(grid))](*vals)  # a compiled kernel's launcher takes 3 dims
-            except (TypeError, ValueError, AttributeError, IndexError):  # a Triton whose launcher differs: use its own path
-                self._compiled.clear()
-                self.cache_launches = False
-        k = self.fn[grid](*args, **kwargs)
-        if self.cache_launches and k is not None and hasattr(k, "__getitem__"):
-            self._compiled[key] = k
-        return k
-
-
 def interpreter_ready() -> bool:
     """True when this process imported triton in interpreter mode (CPU tensors can run the kernels)."""
     return isinstance(_final.fn, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
-
-
-@contextlib.contextmanager
-def _interpreter_scalar_index():
-    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array_of_shape_1)``, which
-    numpy >= 2.4 rejects (loops with run-time bounds then fail). For the duration of one launch, the
-    interpreter's tensor patch also installs an ``__index__`` that reads the single element."""
-    from triton.runtime import interpreter as _ti
-
-    orig = _ti._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _ti._patch_lang_tensor = patched
-    try:
-        yield
-    finally:
-        _ti._patch_lang_tensor = orig
 
 
 # ============================================================================ kernels

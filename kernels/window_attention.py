@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from bevt.kernels import _window_attention_triton as _k
+from bevt.kernels._launch import CachedKernel
 from bevt.ops import backend as _be
 
 LOG2E = _k.LOG2E
@@ -188,32 +189,39 @@ def _token_table(ws: tuple, ss: tuple, ms: tuple, grid: tuple, nwin: tuple, toke
     return code.to(torch.int32).to(device_str)
 
 
-@functools.lru_cache(maxsize=32)
-def _relative_index(ws: tuple, ts: tuple, device_str: str) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _plane_index(ws: tuple, ts: tuple, np_: int, device_str: str) -> torch.Tensor:
+    """(2, NP, NP) int32 table row of each plane element: [0] bias(i, j), [1] transposed (row = key j);
+    -1 in padded columns (-inf: they drop out of the softmax), -2 in padded rows of real columns (0)."""
     from bevt.ops.window_attention import relative_position_index
 
-    return relative_position_index(ws, ts).to(device_str)
+    n = math.prod(ws)
+    idx = relative_position_index(ws, ts).to(torch.int32)
+    out = torch.full((2, np_, np_), -2, dtype=torch.int32)
+    out[:, :, n:] = -1
+    out[0, :n, :n] = idx
+    out[1, :n, :n] = idx.t()
+    return out.to(device_str)
 
 
 def _expand_bias(bias_table: torch.Tensor, geo: "_Geo", np_: int, dtype: torch.dtype,
-                 transposed: bool = False) -> torch.Tensor:
-    """(L, nh) table -> (nh, NP, NP) bias planes in the exp2 domain (x log2 e), padded columns -inf.
+                 both: bool = False) -> torch.Tensor:
+    """(L, nh) table -> (nh, NP, NP) bias planes in the exp2 domain (x log2 e), padded columns -inf; with
+    ``both``, (2, nh, NP, NP): the planes and the transposed planes (plane[j, i] = bias(i, j), for the
+    dK/dV kernel whose tiles have keys as rows). One launch.
 
     Why expand: every score needs its bias; a gather from the table per score costs one scattered load per
     element, while a plane row is contiguous (vector loads) and the planes of all heads (a few MB) stay in
     L2 for every window. fp16 for half-precision inputs (3 more mantissa bits than bf16; the values are
-    small), fp32 for fp32 inputs. ``transposed``: plane[j, i] = bias(i, j), for the dK/dV kernel whose tiles
-    have keys as rows.
+    small), fp32 for fp32 inputs.
     """
-    idx = _relative_index(geo.ws, geo.ts, str(bias_table.device))
-    n = geo.n
-    planes = bias_table.detach().t().to(torch.float32)[:, idx] * LOG2E  # (nh, N, N)
-    if transposed:
-        planes = planes.transpose(1, 2)
-    out = torch.zeros((geo.nh, np_, np_), device=bias_table.device, dtype=dtype)
-    out[:, :, n:] = float("-inf")  # padded columns (keys; queries when transposed) drop out of the softmax
-    out[:, :n, :n] = planes  # padded rows stay finite: their results are never stored
-    return out
+    dev = bias_table.device
+    planes = 2 if both else 1
+    out = torch.empty((planes, geo.nh, np_, np_), device=dev, dtype=dtype)
+    _launcher(_k._expand_bias_kernel)((np_, geo.nh, planes), dev, bias_table.detach().contiguous(),
+                                      _plane_index(geo.ws, geo.ts, np_, str(dev)), out, NH=geo.nh, NP=np_,
+                                      BLOCK=triton_next_pow2(np_), num_warps=4)
+    return out if both else out[0]
 
 
 def _plane_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -324,17 +332,27 @@ def _big(q: torch.Tensor) -> bool:
     return q.untyped_storage().nbytes() // q.element_size() >= 2 ** 31 - 1
 
 
-def _launch(spec: LaunchSpec, *args, **runtime):
+_LAUNCHERS: dict = {}  # jitted kernel -> its CachedKernel (one launch ~10 us of host time instead of ~40)
+
+
+def _launcher(kernel) -> CachedKernel:
+    cached = _LAUNCHERS.get(kernel)
+    if cached is None:
+        cached = _LAUNCHERS[kernel] = CachedKernel(kernel)
+    return cached
+
+
+def _launch(spec: LaunchSpec, device: torch.device, *args, **runtime):
     if spec.maxnreg:
         runtime["maxnreg"] = spec.maxnreg
-    spec.kernel[spec.grid](*args, **runtime, **spec.constexprs, num_warps=spec.num_warps,
+    _launcher(spec.kernel)(spec.grid, device, *args, **runtime, **spec.constexprs, num_warps=spec.num_warps,
                            num_stages=spec.num_stages)
 
 
 def _launch_fwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, lse, scale: float, has_pad: bool):
     spec = launch_specs(geo, tokens, q.dtype, _big(q), _config(q.device, geo.n))["fwd"]
     planes = _expand_bias(bias_table, geo, spec.constexprs["NP"], _plane_dtype(q.dtype))
-    _launch(spec, q, k, v, planes if kvp is None else kvp, planes, o, lse,
+    _launch(spec, q.device, q, k, v, planes if kvp is None else kvp, planes, o, lse,
             *geo.runtime(tokens, spec.constexprs["NP"], q.device), scale * LOG2E, 0, **geo.shifts(), HAS_PAD=int(has_pad))
 
 
@@ -345,31 +363,29 @@ def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, d
     specs = launch_specs(geo, tokens, q.dtype, _big(q), _config(dev, geo.n))
     rt = dict(**geo.shifts(), HAS_PAD=int(has_pad))
     np_, pdt = specs["dq"].constexprs["NP"], _plane_dtype(q.dtype)
-    planes = _expand_bias(bias_table, geo, np_, pdt)
+    planes, planes_t = _expand_bias(bias_table, geo, np_, pdt, both=True)
     kvp = planes if kvp is None else kvp  # windowed layout: no kv_pad (any valid pointer)
     delta = torch.empty_like(lse)
     gargs = geo.runtime(tokens, np_, dev)
     # 1. dQ + delta
-    _launch(specs["dq"], q, k, v, kvp, planes, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0, **rt)
+    _launch(specs["dq"], dev, q, k, v, kvp, planes, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0, **rt)
     # 2. bias partials (one fp32 (nqp, nkp) plane per range of windows and head)
     f = specs["db"].facts
     dbp = torch.empty(f["ranges"], geo.nh, f["nqp"], f["nkp"], device=dev, dtype=torch.float32)
-    _launch(specs["db"], q, k, v, kvp, planes, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
+    _launch(specs["db"], dev, q, k, v, kvp, planes, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
     # 3. dK, dV (+ kv_pad partials, one per program)
     g = specs["dkdv"].facts
     dkvp = torch.empty(g["ranges"] * geo.nh * g["nkt"] * 2 * geo.d if has_pad else 1, device=dev,
                        dtype=torch.float32)
-    planes_t = _expand_bias(bias_table, geo, np_, pdt, transposed=True)
-    _launch(specs["dkdv"], q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E, scale,
+    _launch(specs["dkdv"], dev, q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E, scale,
             0, **rt)
     # 4. bias-table gradient: gather the partials by table row, in a fixed order
     L = geo.table_rows
     order, offs, maxc = _pairs_by_row(geo.ws, geo.ts, f["nkp"], str(dev))
     dt = torch.empty(L, geo.nh, device=dev, dtype=torch.float32)
     bl, ch = 32, 64
-    _k._table_grad_kernel[(triton_cdiv(L, bl), geo.nh)](dbp, order, offs, dt, L, NH=geo.nh, R=f["ranges"],
-                                                        PLANE=f["nqp"] * f["nkp"], MAXC=maxc, BL=bl, CH=ch,
-                                                        num_warps=4)
+    _launcher(_k._table_grad_kernel)((triton_cdiv(L, bl), geo.nh), dev, dbp, order, offs, dt, L, NH=geo.nh,
+                                     R=f["ranges"], PLANE=f["nqp"] * f["nkp"], MAXC=maxc, BL=bl, CH=ch, num_warps=4)
     dkv_pad = None
     if has_pad:
         dkv_pad = dkvp.view(g["ranges"], geo.nh, g["nkt"], 2, geo.d).sum((0, 2)).permute(1, 0, 2)
