@@ -12,6 +12,9 @@ from benchmarks import train_step as ts
 SHAPES = [(4, 32), (8, 64)]
 
 
+_FLOPS: dict = {}  # per shape, counted on the reference path (it runs first)
+
+
 @pytest.mark.parametrize("clips,images", SHAPES, ids=[f"{c}clips_{i}images" for c, i in SHAPES])
 @pytest.mark.parametrize("path", ["ref", "fast"])
 def test_bevt_step(benchmark, record, path, clips, images):
@@ -22,7 +25,9 @@ def test_bevt_step(benchmark, record, path, clips, images):
     for _ in range(3):
         sb.run(phases)
     ms = benchmark.stats.stats.median * 1e3
-    flops = ts.step_flops(sb)
+    if path == "ref":
+        _FLOPS[clips, images] = ts.step_flops(sb)
+    flops = _FLOPS.get((clips, images)) or ts.step_flops(ts.build("ref", clips, images))
     row = dict(op="bevt_step", provider=path, clips=clips, images=images, ms=ms, clips_per_s=clips / ms * 1e3,
                images_per_s=images / ms * 1e3, peak_gb=ts.peak_gb(sb.run),
                phases_ms={k: v / 3 for k, v in phases.items()},

@@ -6,9 +6,9 @@ which prints the tables that RESULTS.md records.
 * **reference path**: every op on its PyTorch reference (``BEVT_KERNELS=ref``: eager window attention,
   gather-first masked CE, numpy masks), the tokenizer as the official code runs it (DALL-E convs in
   fp16), bf16 autocast, fused AdamW.
-* **fast path**: ``auto`` backends (Triton attention and CE, CUDA masks), the tokenizer compiled
-  (torch.compile fuses its element-wise work between cuDNN convs) with cuDNN autotuning, the same
-  autocast and optimizer.
+* **fast path**: ``auto`` backends (Triton attention and CE, CUDA masks), the Swin blocks compiled
+  (``compile_blocks``, what ``run.compile=true`` does in training), the tokenizer compiled (torch.compile
+  fuses its element-wise work between cuDNN convs) with cuDNN autotuning, the same autocast and optimizer.
 
 Inputs are random uint8 frames already on the GPU (decoding is measured by the DALI benchmark); the
 DALL-E encoder has random weights (the published weights cannot be downloaded here; speed does not
@@ -29,6 +29,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from timing import cuda_time_ms
 from bevt.data.transforms import normalize
+from bevt.models import compile_blocks
 from bevt.models.bevt import create_bevt
 from bevt.ops import BlockMaskSpec, TubeSpec, step_masks, use_backend
 from bevt.tokenizers import DalleEncoder, DalleTokenizer
@@ -122,6 +123,8 @@ def build(path: str, clips: int, images: int, *, model_name: str = "videoswin_ba
     torch.backends.cudnn.benchmark = path == "fast"
     model = create_bevt(model_name, mode="bevt" if clips and images else ("bevt_v" if clips else "bevt_i"),
                         vocab_size=8192, drop_path_rate=0.3).to(dev)
+    if path == "fast":
+        compile_blocks(model)
     opt = build_optimizer(param_groups(model, weight_decay=0.05, no_decay_keys=("relative_position_bias_table",
                                                                                   "norm")),
                           lr=5e-4, device_type="cuda")
@@ -147,15 +150,69 @@ def peak_gb(fn) -> float:
 
 
 def step_flops(sb: StepBench) -> float:
-    """Matrix FLOPs of one step (forward + backward of the model, tokenizer forward), counted by torch."""
+    """Matrix FLOPs of one step (forward + backward of the model, tokenizer forward), counted by torch on
+    the reference path (the same for both paths). Give it an eager StepBench: the fast path's compiled
+    blocks would recompile for the reference ops."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if sb.path != "ref":
+        raise ValueError("count the FLOPs on the reference path's StepBench (the fast one is compiled)")
     with use_backend("ref"), FlopCounterMode(display=False) as fc:
         sb.run()
     return float(fc.get_total_flops())
 
 
-def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: int = 10) -> dict:
+KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention (Triton)", ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dbias_kernel", "_bwd_dkdv_kernel",
+                            "_table_grad_kernel")),
+    ("masked CE (Triton)", ("_prep_kernel", "_logits_kernel", "_ce_rows_kernel", "_grad_kernel", "_final_kernel",
+                            "_scale_kernel")),
+    ("conv (cuDNN)", ("conv", "cudnn", "implicit_gemm", "xmma_fprop", "dgrad", "wgrad", "fprop", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "splitk")),
+    ("layer norm", ("layer_norm", "LayerNorm")),
+    ("softmax / reductions", ("softmax", "reduce", "argmax", "max_pool", "norm_kernel")),
+    ("optimizer", ("adam", "Adam", "multi_tensor")),
+    ("copies / layout", ("copy", "cat", "transpose", "permute", "roll", "index", "gather", "scatter", "pad")),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "triton_poi", "triton_red", "triton_per", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    for kind, keys in KERNEL_KINDS:
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
+def kernel_profile(step, steps: int = 2, top: int = 25) -> dict:
+    """GPU time per call of ``step()`` by kernel and by kind (torch.profiler), to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total
+        if us > 0:
+            k = kernels.setdefault(evt.key, [0.0, 0])
+            k[0] += us / 1e3 / steps
+            k[1] += evt.count // steps
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gpu_ms_per_step": sum(v[0] for v in kernels.values()),
+            "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:120], "ms": v[0], "calls": v[1]} for n, v in rows]}
+
+
+def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: int = 10,
+            flops: float | None = None) -> dict:
+    """One path at one shape. ``flops``: the step's FLOPs for the MFU (counted here on the reference path)."""
     sb = build(path, clips, images)
     ms = cuda_time_ms(sb.run, warmup=3, rep=iters)
     row = {"path": path, "clips": clips, "images": images, "step_ms": ms,
@@ -165,7 +222,8 @@ def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: i
         for _ in range(3):
             sb.run(ph)
         row["phases_ms"] = {k: v / 3 for k, v in ph.items()}
-    flops = step_flops(sb)
+        row["kernels"] = kernel_profile(sb.run)
+    flops = step_flops(sb) if flops is None else flops
     row["tflops_per_step"] = flops / 1e12
     row["mfu"] = flops / (ms / 1e3) / (H100_BF16_PEAK_TFLOPS * 1e12)
     del sb
@@ -174,7 +232,8 @@ def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: i
 
 
 def video_stream_vs_torchvision(clips: int = 8, iters: int = 10) -> dict:
-    """Video Swin-B train step (video stream alone, classification loss) vs torchvision's swin3d_b."""
+    """Video Swin-B train step (video stream alone, classification loss) vs torchvision's swin3d_b, each
+    eager and compiled (bevt: its blocks, as training does; torchvision: ``torch.compile`` of the model)."""
     from torchvision.models.video import swin3d_b
 
     from bevt.models import create_model
@@ -182,41 +241,53 @@ def video_stream_vs_torchvision(clips: int = 8, iters: int = 10) -> dict:
     dev = torch.device("cuda")
     x = torch.randn(clips, 3, 16, 224, 224, device=dev)
     out = {}
-    for name, make in (("bevt_fast", lambda: create_model("videoswin_base_patch244_window877", num_classes=400)),
+    for name, make in (("bevt", lambda: create_model("videoswin_base_patch244_window877", num_classes=400)),
                        ("torchvision_swin3d_b", lambda: swin3d_b())):
-        m = make().to(dev)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+        for compiled in (False, True):
+            m = make().to(dev)
+            if compiled and name == "bevt":
+                compile_blocks(m)
+            elif compiled:
+                m = torch.compile(m)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = m(x)
-            y.float().logsumexp(-1).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = m(x)
+                y.float().logsumexp(-1).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        ms = cuda_time_ms(step, warmup=3, rep=iters)
-        out[name] = {"step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak_gb(step)}
-        del m, opt
-        torch.cuda.empty_cache()
-    out["speedup"] = out["bevt_fast"]["clips_per_s"] / out["torchvision_swin3d_b"]["clips_per_s"]
+            ms = cuda_time_ms(step, warmup=3, rep=iters)
+            out[f"{name}_{'compiled' if compiled else 'eager'}"] = {
+                "step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak_gb(step)}
+            del m, opt
+            torch.cuda.empty_cache()
+    fast = out["bevt_compiled"]["clips_per_s"]
+    out["speedup_vs_eager"] = fast / out["torchvision_swin3d_b_eager"]["clips_per_s"]
+    out["speedup_vs_compiled"] = fast / out["torchvision_swin3d_b_compiled"]["clips_per_s"]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="", help="write the results as JSON here")
-    ap.add_argument("--shapes", default="4x32,8x64", help="clips x images per step, comma-separated")
+    ap.add_argument("--shapes", default="4x32,8x64", help="clips x images per step, comma-separated ('' for none)")
+    ap.add_argument("--no-video-stream", action="store_true", help="skip the video-stream step vs torchvision")
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "steps": []}
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         c, i = (int(v) for v in shape.split("x"))
-        for path in ("ref", "fast"):
-            row = measure(path, c, i)
+        flops = None
+        for path in ("ref", "fast"):  # the reference first: it counts the FLOPs
+            row = measure(path, c, i, flops=flops)
+            flops = row["tflops_per_step"] * 1e12
             res["steps"].append(row)
-            print(json.dumps(row), flush=True)
-    res["video_stream"] = video_stream_vs_torchvision()
-    print(json.dumps(res["video_stream"]), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+    if not args.no_video_stream:
+        res["video_stream"] = video_stream_vs_torchvision()
+        print(json.dumps(res["video_stream"]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
