@@ -17,23 +17,14 @@ import torch
 
 from bevt.ops import masking as M
 from bevt.ops.masking import BlockMaskSpec, TubeSpec
-from timing import cuda_time_ms, graph_time_ms  # run as a script: benchmarks/ is on sys.path
+from timing import cuda_time_ms, graph_time_ms, kernel_times_ms  # run as a script: benchmarks/ is on sys.path
 
 
 def kernel_ms(fn, calls=50):
     """Mean duration of the mask kernel itself (profiler), without launch overhead."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    for evt in prof.key_averages():
-        if "masks_kernel" in evt.key:
-            total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-            return total / evt.count / 1e3
+    for name, (ms, launches) in kernel_times_ms(fn, calls).items():
+        if "masks_kernel" in name:
+            return ms / launches
     return float("nan")
 
 

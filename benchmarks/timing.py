@@ -4,7 +4,8 @@
   for it (what a caller sees);
 * :func:`graph_time_ms`: median GPU time per call from replaying a CUDA graph of ``calls`` calls (no
   host launch time: what the kernels cost);
-* :func:`peak_extra_mib`: peak memory a call allocates above what was allocated before it.
+* :func:`peak_extra_mib`: peak memory a call allocates above what was allocated before it;
+* :func:`kernel_times_ms`: GPU time of each CUDA kernel a call launches (profiler).
 """
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ def peak_extra_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def kernel_times_ms(fn, calls: int = 2) -> dict[str, tuple[float, int]]:
+    """GPU time of each CUDA kernel fn() launches, from torch.profiler after one warm-up call:
+    kernel name -> (ms per call of fn, launches per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {evt.key: (evt.self_device_time_total / 1e3 / calls, evt.count // calls)
+            for evt in prof.key_averages() if evt.self_device_time_total > 0}

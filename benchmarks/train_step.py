@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 try:
-    from benchmarks.timing import cuda_time_ms
+    from benchmarks.timing import cuda_time_ms, kernel_times_ms
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from timing import cuda_time_ms
+    from timing import cuda_time_ms, kernel_times_ms
 from bevt.data.transforms import normalize
 from bevt.models import compile_blocks
 from bevt.models.bevt import create_bevt
@@ -186,21 +186,7 @@ def kernel_kind(name: str) -> str:
 
 def kernel_profile(step, steps: int = 2, top: int = 25) -> dict:
     """GPU time per call of ``step()`` by kernel and by kind (torch.profiler), to see where a step goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = {}
-    for evt in prof.key_averages():
-        us = evt.self_device_time_total
-        if us > 0:
-            k = kernels.setdefault(evt.key, [0.0, 0])
-            k[0] += us / 1e3 / steps
-            k[1] += evt.count // steps
+    kernels = kernel_times_ms(step, calls=steps)
     kinds: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
