@@ -52,7 +52,7 @@ class DropPath(nn.Module):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop path rate must be in [0, 1), got {p}")
-        self.p = p
+        self.p = p  # for the repr only: forward reads ``active`` (a bool: two graphs at most) and the buffer
         self.active = p > 0.0
         self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
@@ -331,8 +331,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """``torch.compile`` every Swin block and patch merging of ``model`` in place; returns how many.
 
     Compiling block by block rather than the whole model: the compiled code is shared by every block
-    of the same geometry (one graph per stream, stage and shift, about 14 for BEVT instead of two
-    graphs of 24 unrolled blocks each), so compilation takes seconds per graph, and it composes with
+    of the same geometry (one graph per stream, stage, shift and drop path on or off, instead of one
+    graph per stream with every block unrolled), so compilation takes seconds per graph, and it composes with
     gradient checkpointing and DDP unchanged. The custom ops (window attention) trace without a graph
     break. Shapes are static (``dynamic=False`` unless given): each geometry gets its own kernels.
     """

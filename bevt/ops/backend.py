@@ -183,9 +183,6 @@ def triton_status() -> tuple[bool, str]:
     return _triton_status()
 
 
-triton_status.cache_clear = lambda: _triton_status.cache_clear()  # tests change TRITON_INTERPRET
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
@@ -200,6 +197,9 @@ def _triton_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton kernels in the CPU interpreter)"
     return True, ""
+
+
+triton_status.cache_clear = _triton_status.cache_clear  # tests change TRITON_INTERPRET
 
 
 def triton_interpreting() -> bool:

@@ -404,9 +404,3 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     return run_job("bevt pretrain", build_config, pretrain, args)
-    try:
-        pretrain(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"bevt pretrain: {e}", file=sys.stderr)
-        return 2
-    return 0
