@@ -6,9 +6,14 @@ which prints the tables that RESULTS.md records.
 * **reference path**: every op on its PyTorch reference (``BEVT_KERNELS=ref``: eager window attention,
   gather-first masked CE, numpy masks), the tokenizer as the official code runs it (DALL-E convs in
   fp16), bf16 autocast, fused AdamW.
-* **fast path**: ``auto`` backends (Triton attention and CE, CUDA masks), the Swin blocks compiled
+* **fast_eager path**: ``auto`` backends (Triton attention and CE, CUDA masks), the Swin blocks compiled
   (``compile_blocks``, what ``run.compile=true`` does in training), the tokenizer compiled (torch.compile
-  fuses its element-wise work between cuDNN convs) with cuDNN autotuning, the same autocast and optimizer.
+  fuses its element-wise work between cuDNN convs) with cuDNN autotuning, the same autocast and optimizer,
+  launched from Python every step.
+* **fast path**: the same, with each step's forward (tokenizer included) and backward replayed from CUDA
+  graphs (:class:`bevt.train.cuda_graph.GraphedStep`, what ``run.cuda_graph=true`` does in training).
+
+Both paths run :class:`bevt.train.pretrain.PretrainForward`, the step ``bevt pretrain`` runs.
 
 Inputs are random uint8 frames already on the GPU (decoding is measured by the DALI benchmark); the
 DALL-E encoder has random weights (the published weights cannot be downloaded here; speed does not
@@ -33,35 +38,38 @@ from bevt.models import compile_blocks
 from bevt.models.bevt import create_bevt
 from bevt.ops import BlockMaskSpec, TubeSpec, step_masks, use_backend
 from bevt.tokenizers import DalleEncoder, DalleTokenizer
+from bevt.train.cuda_graph import GraphedStep
 from bevt.train.optim import build_optimizer, param_groups
+from bevt.train.pretrain import PretrainForward
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, datasheet (the measured matmul ceiling is ~780)
 
 
 @dataclass
 class StepBench:
-    path: str  # "fast" | "ref"
+    path: str  # see PATHS
     clips: int
     images: int
     model: torch.nn.Module
-    tokenizer: torch.nn.Module
+    forward: torch.nn.Module  # bevt.train.pretrain.PretrainForward: tokenizer, both streams, losses
+    step_fn: object  # ``forward`` itself, or a GraphedStep of it (path "fast")
     optimizer: torch.optim.Optimizer
     inputs: dict
     frames: int = 16
     step_count: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def backends(self):
         return use_backend("ref") if self.path == "ref" else contextlib.nullcontext()
 
-    def _tokens(self, x):
-        with torch.autocast("cuda", enabled=False):
-            return self.tokenizer.encode(x)
+    @property
+    def graphed(self) -> bool:
+        return isinstance(self.step_fn, GraphedStep)
 
     def run(self, phases: dict | None = None) -> None:
-        """One full optimizer step. With ``phases``, time each phase with CUDA events (the streams then
-        run their backward passes separately: the same gradients, attributable time)."""
+        """One full optimizer step, as ``bevt pretrain`` runs it. With ``phases``, time each phase with CUDA
+        events: eager paths are split finely (tokenizer, each stream's forward and backward: the same
+        gradients, attributable time), the graphed path into its forward and backward replays."""
         ev = {}
 
         def mark(name):
@@ -70,39 +78,21 @@ class StepBench:
                 e.record()
                 ev[name] = e
 
-        m, x = self.model, self.inputs
-        B, T = self.clips, self.frames
-        grid = BlockMaskSpec().grid
+        x, B = self.inputs, self.clips
         with self.backends:
             mark("start")
-            ids_v = self._tokens(x["video_tok"].flatten(0, 1)).view(B, T, *grid) if B else None
-            ids_i = self._tokens(x["images_tok"]) if self.images else None
-            mark("tokenizer")
             vin, vtgt, imask = step_masks(B, self.images, BlockMaskSpec(), TubeSpec(), seed=0, step=self.step_count,
                                           device="cuda")
             mark("masks")
-            total = None
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                if B:
-                    video = normalize(x["video"], channel_dim=1)
-                    hv = m.encode_video(video, vin)
-                    lv, _ = m._stream_loss(hv, vtgt, ids_v, "video")
-                    total = lv
-            mark("video_fwd")
-            if phases is not None and B:
-                lv.backward()
-                total = None
-            mark("video_bwd")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                if self.images:
-                    images = normalize(x["images"], channel_dim=1)
-                    hi = m.encode_images(images, imask)
-                    li, _ = m._stream_loss(hi, imask, ids_i, "image")
-                    total = li if total is None else total + li
-            mark("image_fwd")
-            total.backward()
-            mark("image_bwd")
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 3.0)
+            if phases is None or self.graphed:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = self.step_fn(x["video"], x["video_tok"], vin, vtgt, x["images"], x["images_tok"], imask)
+                mark("forward (graph)" if self.graphed else "forward")
+                out["loss"].backward()
+                mark("backward (graph)" if self.graphed else "backward")
+            else:
+                self._run_phases(x, vin, vtgt, imask, mark)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 3.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             mark("optimizer")
@@ -113,40 +103,80 @@ class StepBench:
             for a, b in zip(names, names[1:]):
                 phases[b] = phases.get(b, 0.0) + ev[a].elapsed_time(ev[b])
 
+    def _run_phases(self, x, vin, vtgt, imask, mark) -> None:
+        """The forward of PretrainForward taken apart, each stream's backward run on its own."""
+        m, f, B, T = self.model, self.forward, self.clips, self.frames
+        ids_v = f._tokens(x["video_tok"].flatten(0, 1)).view(B, T, *f.grid) if B else None
+        ids_i = f._tokens(x["images_tok"]) if self.images else None
+        mark("tokenizer")
+        total = None
+        if B:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                hv = m.encode_video(normalize(x["video"], channel_dim=1), vin)
+                lv, _ = m._stream_loss(hv, vtgt, ids_v, "video")
+            mark("video_fwd")
+            lv.backward()
+            mark("video_bwd")
+        if self.images:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                hi = m.encode_images(normalize(x["images"], channel_dim=1), imask)
+                li, _ = m._stream_loss(hi, imask, ids_i, "image")
+            mark("image_fwd")
+            li.backward()
+            mark("image_bwd")
+
+
+PATHS = {  # name -> (kernels, compile blocks and tokenizer, CUDA graphs)
+    "ref": ("ref", False, False),
+    "fast_eager": ("auto", True, False),  # the fast path launched from Python (run.compile=true)
+    "fast": ("auto", True, True),  # ... replayed from CUDA graphs (run.compile=true run.cuda_graph=true)
+}
+
 
 def build(path: str, clips: int, images: int, *, model_name: str = "videoswin_base_patch244_window877",
           frames: int = 16, size: int = 224, seed: int = 0) -> StepBench:
-    if path not in ("fast", "ref"):
-        raise ValueError(f"path must be 'fast' or 'ref', got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    _, compiled, graphs = PATHS[path]
     torch.manual_seed(seed)
     dev = torch.device("cuda")
-    torch.backends.cudnn.benchmark = path == "fast"
+    torch.backends.cudnn.benchmark = compiled
     model = create_bevt(model_name, mode="bevt" if clips and images else ("bevt_v" if clips else "bevt_i"),
                         vocab_size=8192, drop_path_rate=0.3).to(dev)
-    if path == "fast":
+    if compiled:
         compile_blocks(model)
     opt = build_optimizer(param_groups(model, weight_decay=0.05, no_decay_keys=("relative_position_bias_table",
                                                                                   "norm")),
                           lr=5e-4, device_type="cuda")
     # reference: fp16 convs as DALL-E's own code; fast: the same, compiled (fused element-wise work)
-    tok = DalleTokenizer(DalleEncoder(), compile=path == "fast").to(dev).to(memory_format=torch.channels_last)
+    tok = DalleTokenizer(DalleEncoder(), compile=compiled).to(dev).to(memory_format=torch.channels_last)
+    forward = PretrainForward(model, tok, BlockMaskSpec().grid)
+    step_fn = GraphedStep(forward, amp_dtype=torch.bfloat16) if graphs else forward
     g = torch.Generator(device=dev).manual_seed(seed)
     s = size // 2
 
     def u8(*shape):
         return torch.randint(0, 256, shape, device=dev, dtype=torch.uint8, generator=g)
 
-    inputs = {"video": u8(clips, 3, frames, size, size), "video_tok": u8(clips, frames, 3, s, s),
-              "images": u8(images, 3, size, size), "images_tok": u8(images, 3, s, s)}
-    return StepBench(path, clips, images, model, tok, opt, inputs, frames)
+    inputs = {"video": u8(clips, 3, frames, size, size) if clips else None,
+              "video_tok": u8(clips, frames, 3, s, s) if clips else None,
+              "images": u8(images, 3, size, size) if images else None,
+              "images_tok": u8(images, 3, s, s) if images else None}
+    return StepBench(path, clips, images, model, forward, step_fn, opt, inputs, frames)
 
 
-def peak_gb(fn) -> float:
+def with_peak_memory(fn):
+    """``fn()`` -> (its result, peak GB allocated, peak GB reserved) while it ran.
+
+    Give it the first calls of a step too (compilation, and for a graphed step the capture): a CUDA graph's
+    memory is allocated while it is captured and reused by every replay without new allocations, so
+    measuring replays alone would miss it."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    out = fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2 ** 30
+    return out, torch.cuda.max_memory_allocated() / 2 ** 30, torch.cuda.max_memory_reserved() / 2 ** 30
 
 
 def step_flops(sb: StepBench) -> float:
@@ -200,9 +230,10 @@ def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: i
             flops: float | None = None) -> dict:
     """One path at one shape. ``flops``: the step's FLOPs for the MFU (counted here on the reference path)."""
     sb = build(path, clips, images)
-    ms = cuda_time_ms(sb.run, warmup=3, rep=iters)
+    ms, peak, reserved = with_peak_memory(lambda: cuda_time_ms(sb.run, warmup=3, rep=iters))
     row = {"path": path, "clips": clips, "images": images, "step_ms": ms,
-           "clips_per_s": clips / ms * 1e3, "images_per_s": images / ms * 1e3, "peak_gb": peak_gb(sb.run)}
+           "clips_per_s": clips / ms * 1e3, "images_per_s": images / ms * 1e3, "peak_gb": peak,
+           "reserved_gb": reserved}
     if phases:
         ph: dict[str, float] = {}
         for _ in range(3):
@@ -217,41 +248,52 @@ def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: i
     return row
 
 
-def video_stream_vs_torchvision(clips: int = 8, iters: int = 10) -> dict:
-    """Video Swin-B train step (video stream alone, classification loss) vs torchvision's swin3d_b, each
-    eager and compiled (bevt: its blocks, as training does; torchvision: ``torch.compile`` of the model)."""
+VIDEO_STREAM_VARIANTS = ("bevt_eager", "bevt_compiled", "bevt_graphed", "torchvision_swin3d_b_eager",
+                         "torchvision_swin3d_b_compiled")
+
+
+def video_stream_vs_torchvision(clips: int = 8, iters: int = 10, variants=VIDEO_STREAM_VARIANTS) -> dict:
+    """Video Swin-B train step (video stream alone, 400-way CE) vs torchvision's swin3d_b: bevt eager, its
+    blocks compiled (``run.compile``), and compiled + CUDA graphs (``run.cuda_graph``, as ``bevt finetune``
+    runs it); torchvision eager and ``torch.compile`` of the whole model."""
     from torchvision.models.video import swin3d_b
 
     from bevt.models import create_model
+    from bevt.train.finetune import FinetuneForward
 
     dev = torch.device("cuda")
     x = torch.randn(clips, 3, 16, 224, 224, device=dev)
+    y = torch.randint(0, 400, (clips,), device=dev)
     out = {}
-    for name, make in (("bevt", lambda: create_model("videoswin_base_patch244_window877", num_classes=400)),
-                       ("torchvision_swin3d_b", lambda: swin3d_b())):
-        for compiled in (False, True):
-            m = make().to(dev)
-            if compiled and name == "bevt":
+    for variant in variants:
+        if variant.startswith("bevt"):
+            m = create_model("videoswin_base_patch244_window877", num_classes=400).to(dev)
+            if variant != "bevt_eager":
                 compile_blocks(m)
-            elif compiled:
+        else:
+            m = swin3d_b().to(dev)
+            if variant.endswith("compiled"):
                 m = torch.compile(m)
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+        fwd = FinetuneForward(m)
+        step_fn = GraphedStep(fwd, amp_dtype=torch.bfloat16) if variant == "bevt_graphed" else fwd
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
 
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = m(x)
-                y.float().logsumexp(-1).mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_fn(x, y)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-            ms = cuda_time_ms(step, warmup=3, rep=iters)
-            out[f"{name}_{'compiled' if compiled else 'eager'}"] = {
-                "step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak_gb(step)}
-            del m, opt
-            torch.cuda.empty_cache()
-    fast = out["bevt_compiled"]["clips_per_s"]
-    out["speedup_vs_eager"] = fast / out["torchvision_swin3d_b_eager"]["clips_per_s"]
-    out["speedup_vs_compiled"] = fast / out["torchvision_swin3d_b_compiled"]["clips_per_s"]
+        ms, peak, _ = with_peak_memory(lambda: cuda_time_ms(step, warmup=3, rep=iters))
+        out[variant] = {"step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak}
+        del m, fwd, step_fn, opt
+        torch.cuda.empty_cache()
+    best = max((v["clips_per_s"], k) for k, v in out.items() if k.startswith("bevt"))
+    out["bevt_best"] = best[1]
+    for tv in ("eager", "compiled"):
+        if f"torchvision_swin3d_b_{tv}" in out:
+            out[f"speedup_vs_{tv}"] = best[0] / out[f"torchvision_swin3d_b_{tv}"]["clips_per_s"]
     return out
 
 
@@ -259,6 +301,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--shapes", default="4x32,8x64", help="clips x images per step, comma-separated ('' for none)")
+    ap.add_argument("--paths", default="ref,fast_eager,fast", help=f"step paths, comma-separated ({', '.join(PATHS)})")
     ap.add_argument("--no-video-stream", action="store_true", help="skip the video-stream step vs torchvision")
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -266,7 +309,10 @@ def main() -> None:
     for shape in filter(None, args.shapes.split(",")):
         c, i = (int(v) for v in shape.split("x"))
         flops = None
-        for path in ("ref", "fast"):  # the reference first: it counts the FLOPs
+        paths = args.paths.split(",")
+        for path in sorted(paths, key=lambda p: p != "ref"):  # the reference first: it counts the FLOPs
+            if flops is None and path != "ref":
+                flops = step_flops(build("ref", c, i))
             row = measure(path, c, i, flops=flops)
             flops = row["tflops_per_step"] * 1e12
             res["steps"].append(row)

@@ -194,6 +194,11 @@ class RunConfig:
     the matmuls and kernels and cuts the host time per block (benchmarks/RESULTS.md, the BEVT step). Each
     new geometry (stream, stage, batch size) compiles once; the first steps wait for it (about 2 minutes
     for Swin-B on an H100 host)."""
+    cuda_graph: bool = False
+    """Replay each micro-step's forward (tokenizer, both streams, losses) and backward from two CUDA graphs
+    (``bevt.train.cuda_graph``): removes the host time of launching thousands of kernels, which bounds the
+    fast path on an H100. One process on a CUDA device; fixed batch shapes (another shape runs eagerly);
+    best with ``run.compile=true``. The first step warms up and captures (a few eager steps' time)."""
     log_every: int = 10
     """Steps between log lines (the only host syncs of the loop)."""
     ckpt_every: int = 0

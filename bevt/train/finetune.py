@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from bevt.config import (ConfigError, KernelsConfig, OptimConfig, RunConfig, _check, apply_overrides, from_dict,
                          save_json, to_dict)
 from bevt.data.transforms import normalize
-from bevt.train.loop import StepContext
+from bevt.train.loop import AMP_DTYPES, StepContext
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -507,18 +508,38 @@ def dataset_kwargs(cfg: FinetuneConfig, views: str) -> dict:
 # The step and the per-epoch validation
 # ----------------------------------------------------------------------------------------------------
 
-class FinetuneStep:
-    """compute(batches, ctx) for the loop: device-side augmentation, forward, label-smoothed CE, top-1."""
+class FinetuneForward(nn.Module):
+    """The tensor work of one micro-batch after augmentation: ``forward(clips, labels)`` -> ``{"loss":
+    label-smoothed CE, "top1": accuracy}`` (no host sync: what ``run.cuda_graph`` replays)."""
 
-    def __init__(self, model, cfg: FinetuneConfig, device: torch.device):
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "top1": (logits.detach().argmax(-1) == y).float().mean()}
+
+
+class FinetuneStep:
+    """compute(batches, ctx) for the loop: device-side augmentation, then :class:`FinetuneForward`, eagerly
+    or replayed from CUDA graphs (``cuda_graph``)."""
+
+    def __init__(self, model, cfg: FinetuneConfig, device: torch.device, *, cuda_graph: bool = False,
+                 amp_dtype: torch.dtype | None = None):
         from bevt.data.augment import RandAugment, RandomErasing
 
-        self.model, self.device = model, device
+        self.device = device
+        self.step_fn = FinetuneForward(model, cfg.label_smoothing)
+        if cuda_graph:
+            from bevt.train.cuda_graph import GraphedStep
+
+            self.step_fn = GraphedStep(self.step_fn, amp_dtype=amp_dtype)
         a = cfg.aug
         self.randaug = (RandAugment(a.randaugment_n, a.randaugment_m, initial_flip=a.randaugment_flip)
                         if a.randaugment else None)
         self.erasing = RandomErasing(a.erasing_p) if a.erasing_p > 0 else None
-        self.label_smoothing = cfg.label_smoothing
         self.seed = cfg.run.seed
 
     def __call__(self, batches: dict, ctx: StepContext):
@@ -533,10 +554,8 @@ class FinetuneStep:
             x = normalize(x, channel_dim=1)
             if self.erasing is not None:
                 x = self.erasing(x, self.seed, ctx.epoch, idx)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        top1 = (logits.detach().argmax(-1) == y).float().mean()
-        return loss, {"loss": loss.detach(), "top1": top1}, {"clips": x.shape[0]}
+        out = self.step_fn(x, y)
+        return out["loss"], {k: v.detach() for k, v in out.items()}, {"clips": x.shape[0]}
 
 
 class EpochValidation:
@@ -588,12 +607,13 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import data_path, setup_runtime, wrap_model
+    from bevt.train.pretrain import check_cuda_graph, data_path, setup_runtime, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders = {}
     val_loader = None
     try:
+        check_cuda_graph(cfg.run, device, dist)
         ensure_data(cfg, dist)
         d, o = cfg.data, cfg.optim
         lists = [d.train_list] + ([d.val_list] if cfg.eval.val_every else [])
@@ -655,7 +675,8 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                               ckpt_every=cfg.run.ckpt_every, keep_last=cfg.run.keep_last, progress=cfg.run.progress,
                               tensorboard=cfg.run.tensorboard, seed=cfg.run.seed,
                               bar_keys=("loss", "top1", "clips_per_s", "data_wait_pct", "mem_gb"), desc="finetune")
-        trainer = Trainer(model=train_model, compute=FinetuneStep(train_model, cfg, device), loaders=loaders,
+        trainer = Trainer(model=train_model, compute=FinetuneStep(train_model, cfg, device, cuda_graph=cfg.run.cuda_graph,
+                                                               amp_dtype=AMP_DTYPES.get(amp)), loaders=loaders,
                           main_loader="video", optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg), ema=ema, on_epoch_end=validation)
         trainer.resume_as_asked(resume)

@@ -44,6 +44,8 @@ class StepContext:
         return self.step * self.accum_steps + self.micro
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # run.amp -> autocast dtype ("off": none)
+
 Compute = Callable[[dict, StepContext], "tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]"]
 
 
@@ -84,7 +86,7 @@ class Trainer:
         self.run_dir, self.config_dict = run_dir, config_dict
         self.ema, self.on_epoch_end = ema, on_epoch_end
         self.state = LoopState()
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.amp_dtype = AMP_DTYPES.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self._iters: dict[str, Iterator] = {}
         self.last_checkpoint: str | None = None

@@ -19,7 +19,7 @@ from bevt.data.transforms import normalize
 from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, step_masks
 from bevt.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from bevt.train.logger import format_summary
-from bevt.train.loop import LoopConfig, StepContext, Trainer, steps_for
+from bevt.train.loop import AMP_DTYPES, LoopConfig, StepContext, Trainer, steps_for
 
 
 # ----------------------------------------------------------------------------- config and environment
@@ -157,11 +157,45 @@ def train_tokenizer_on_dataset(cfg: PretrainConfig, path: str, device: torch.dev
 
 
 # ----------------------------------------------------------------------------- the step
-class PretrainStep:
-    """compute(batches, ctx) for the loop: tokens, masks and the BEVT forward of one micro-batch."""
+class PretrainForward(torch.nn.Module):
+    """The tensor work of one micro-batch once its masks exist: tokenize the tokenizer-size copies,
+    normalize the clips and images, run both streams and their masked-token losses.
 
-    def __init__(self, model, tokenizer, cfg: PretrainConfig, device: torch.device):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    ``forward(video, video_tok, video_mask, video_target_mask, images, images_tok, image_mask)`` takes
+    uint8 pixels and bool masks on the device (None for a stream the mode does not use) and returns the
+    model's scalars (``loss``, ``loss_video``, ``acc_video``, ...). Tensors in, a dict of tensors out, no
+    host sync: the shape :class:`bevt.train.cuda_graph.GraphedStep` replays.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, grid: tuple[int, int]):
+        super().__init__()
+        self.model, self.tokenizer, self.grid = model, tokenizer, grid
+
+    def _tokens(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        # the tokenizer chooses its own precision; keep the step's autocast out of it
+        with torch.no_grad(), torch.autocast(x_uint8.device.type, enabled=False):
+            return self.tokenizer.encode(x_uint8)
+
+    def forward(self, video, video_tok, video_mask, video_target_mask, images, images_tok, image_mask):
+        kwargs = {}
+        if video is not None:
+            B, T = video_tok.shape[:2]  # video_tok: (B, T, 3, s, s)
+            kwargs.update(video=normalize(video, channel_dim=1), video_mask=video_mask,
+                          video_target_mask=video_target_mask,
+                          video_ids=self._tokens(video_tok.flatten(0, 1)).view(B, T, *self.grid))
+        if images is not None:
+            kwargs.update(images=normalize(images, channel_dim=1), image_mask=image_mask,
+                          image_ids=self._tokens(images_tok))
+        return self.model(**kwargs).scalars()
+
+
+class PretrainStep:
+    """compute(batches, ctx) for the loop: the masks of one micro-batch, then :class:`PretrainForward`,
+    eagerly or replayed from CUDA graphs (``cuda_graph``)."""
+
+    def __init__(self, model, tokenizer, cfg: PretrainConfig, device: torch.device, *, cuda_graph: bool = False,
+                 amp_dtype: torch.dtype | None = None):
+        self.device = device
         d, m = cfg.data, cfg.mask
         grid = (d.crop_size // 16, d.crop_size // 16)
         n = grid[0] * grid[1]
@@ -170,11 +204,11 @@ class PretrainStep:
                                         min_aspect=m.min_aspect, exact=m.exact)
         self.tube_spec = TubeSpec(slots=d.clip_len // 2, tube_range=tuple(m.tube_range), temporal_scale=2)
         self.seed = cfg.run.seed
+        self.step_fn = PretrainForward(model, tokenizer, grid)
+        if cuda_graph:
+            from bevt.train.cuda_graph import GraphedStep
 
-    def _tokens(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        # the tokenizer chooses its own precision; keep the loop's autocast out of it
-        with torch.autocast(self.device.type, enabled=False):
-            return self.tokenizer.encode(x_uint8)
+            self.step_fn = GraphedStep(self.step_fn, amp_dtype=amp_dtype)
 
     def _slice(self, masks: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # masks are drawn for the global micro-batch, then strided like the loaders shard samples, so a
@@ -189,23 +223,17 @@ class PretrainStep:
         # every mask of the global micro-batch in one launch, keyed by the micro-step
         m_in, m_tgt, m_img = step_masks(B * W, Bi * W, self.block_spec, self.tube_spec, seed=self.seed,
                                         step=ctx.micro_step, device=dev)
-        kwargs, counts = {}, {}
-        if vb is not None:
-            video = normalize(vb["video"].to(dev, non_blocking=True), channel_dim=1)  # B, 3, T, S, S
-            tok = vb["video_tok"].to(dev, non_blocking=True)  # B, T, 3, s, s
-            T = tok.shape[1]
-            ids = self._tokens(tok.flatten(0, 1)).view(B, T, *self.block_spec.grid)
-            kwargs.update(video=video, video_mask=self._slice(m_in, ctx), video_target_mask=self._slice(m_tgt, ctx),
-                          video_ids=ids)
-            counts["clips"] = B
-        if ib is not None:
-            images = normalize(ib["images"].to(dev, non_blocking=True), channel_dim=1)
-            ids = self._tokens(ib["images_tok"].to(dev, non_blocking=True))
-            kwargs.update(images=images, image_mask=self._slice(m_img, ctx), image_ids=ids)
-            counts["images"] = Bi
-        out = self.model(**kwargs)
-        metrics = {k: v for k, v in out.scalars().items()}
-        return out.loss, metrics, counts
+
+        def to_dev(b, key):
+            return None if b is None else b[key].to(dev, non_blocking=True)
+
+        out = self.step_fn(to_dev(vb, "video"), to_dev(vb, "video_tok"),
+                           self._slice(m_in, ctx) if vb is not None else None,
+                           self._slice(m_tgt, ctx) if vb is not None else None,
+                           to_dev(ib, "images"), to_dev(ib, "images_tok"),
+                           self._slice(m_img, ctx) if ib is not None else None)
+        counts = {k: n for k, n in (("clips", B), ("images", Bi)) if n}
+        return out["loss"], out, counts
 
 
 def describe_backends(device: torch.device) -> dict[str, str]:
@@ -252,6 +280,18 @@ def setup_runtime(run, kernels) -> tuple[torch.device, DistInfo, str]:
     return device, dist, amp
 
 
+def check_cuda_graph(run, device: torch.device, dist: DistInfo) -> None:
+    """``run.cuda_graph`` needs what a CUDA graph can replay; say which setting is in the way."""
+    if not run.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"run.cuda_graph=true needs a CUDA device, this run uses {device.type} "
+                          f"(set run.cuda_graph=false)")
+    if dist.enabled:
+        raise ConfigError(f"run.cuda_graph=true runs in one process, this run has {dist.world_size} (DDP hooks its "
+                          f"gradient all-reduce into every backward); set run.cuda_graph=false under torchrun")
+
+
 def wrap_model(model: torch.nn.Module, dist: DistInfo, device: torch.device, *, compile: bool = False):
     """The module the loop trains: ``model`` with its Swin blocks compiled (``compile``), in DDP when there
     are several processes. Blocks, not the whole model: see :func:`bevt.models.compile_blocks`."""
@@ -274,6 +314,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     try:
+        check_cuda_graph(cfg.run, device, dist)
         ensure_dataset(cfg, dist)
         tokenizer = ensure_tokenizer(cfg, device, dist)
         d, o = cfg.data, cfg.optim
@@ -317,7 +358,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
                               clip_grad=o.clip_grad, amp=amp, log_every=cfg.run.log_every,
                               ckpt_every=cfg.run.ckpt_every, keep_last=cfg.run.keep_last, progress=cfg.run.progress,
                               tensorboard=cfg.run.tensorboard, seed=cfg.run.seed, bar_keys=bar_keys, desc="pretrain")
-        trainer = Trainer(model=train_model, compute=PretrainStep(train_model, tokenizer, cfg, device), loaders=loaders,
+        step = PretrainStep(train_model, tokenizer, cfg, device, cuda_graph=cfg.run.cuda_graph,
+                            amp_dtype=AMP_DTYPES.get(amp))
+        trainer = Trainer(model=train_model, compute=step, loaders=loaders,
                           main_loader=main, optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg))
         trainer.resume_as_asked(resume)
