@@ -168,13 +168,14 @@ class GraphedStep:
 
         pool = torch.cuda.graph_pool_handle()
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=pool):
+        # thread_local: the loaders' threads (pinning, DALI) keep using CUDA while this thread captures
+        with torch.cuda.graph(fwd, pool=pool, capture_error_mode="thread_local"):
             out = self._eager(static_args)
         keys = list(out)
         static_outputs = [out[k] for k in keys]
         differentiable = [o.requires_grad for o in static_outputs]
         static_grad_outputs = [torch.empty_like(o) if d else None for o, d in zip(static_outputs, differentiable)]
-        with torch.cuda.graph(bwd, pool=pool):
+        with torch.cuda.graph(bwd, pool=pool, capture_error_mode="thread_local"):
             static_grads = list(grads_of(out, [g for g in static_grad_outputs if g is not None]))
         # the outputs as stored tensors, without the autograd graph of the capture
         static_outputs = [o.detach() for o in static_outputs]
