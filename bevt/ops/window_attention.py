@@ -71,7 +71,16 @@ def relative_position_index(window_size: Sequence[int], table_window_size: Seque
     ts = _triple(table_window_size if table_window_size is not None else ws, "table_window_size")
     if any(w > t for w, t in zip(ws, ts)):
         raise ValueError(f"window {ws} is larger than the table's window {ts}")
-    return _relative_position_index_cpu(ws, ts).to(device)
+    if device is None or torch.device(device).type == "cpu":
+        return _relative_position_index_cpu(ws, ts)
+    return _relative_position_index_on(ws, ts, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_position_index_on(window_size: Triple, table_window_size: Triple, device: str) -> torch.Tensor:
+    # one copy per device: a host-to-device copy in every call is a host sync, and cannot be captured in a
+    # CUDA graph (the copy would run once, at capture, into memory the graph then reuses)
+    return _relative_position_index_cpu(window_size, table_window_size).to(device)
 
 
 def region_ids(padded_size: Sequence[int], window_size: Sequence[int], shift_size: Sequence[int],
