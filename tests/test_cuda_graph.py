@@ -18,14 +18,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 class Head(nn.Module):
-    """A small Swin-like step: Video Swin blocks, a loss and a non-differentiable metric."""
+    """A small Swin step: Video Swin blocks, a loss and a non-differentiable metric. No head dropout: the
+    comparisons with the eager module need the same numbers from both (DropPath is off unless asked)."""
 
     def __init__(self, drop_path: float = 0.0):
         super().__init__()
         from bevt.models import create_model
 
         self.model = create_model("videoswin_nano_patch244_window877", embed_dim=32, depths=(2, 2, 2, 2),
-                                  num_heads=(1, 2, 4, 8), window_size=(2, 4, 4), num_classes=5,
+                                  num_heads=(1, 2, 4, 8), window_size=(2, 4, 4), num_classes=5, head_dropout=0.0,
                                   drop_path_rate=drop_path)
 
     def forward(self, x, y):
