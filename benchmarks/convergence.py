@@ -6,6 +6,9 @@ on ``ref``, and compares the loss curves: the mean absolute difference of 20-ste
 the difference of the final averages must stay under ``--tol`` (relative). Run on a GPU machine:
 
     python benchmarks/convergence.py --steps 200 --out results/convergence.json
+
+``--fast-set`` adds overrides to the fast run only, e.g. ``--fast-set run.compile=true --fast-set
+run.cuda_graph=true`` checks the compiled, CUDA-graph-replayed step against the eager reference.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="", help="synthetic dataset folder (generated if empty)")
     ap.add_argument("--out", default="", help="write the curves and the verdict as JSON")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides for both runs")
+    ap.add_argument("--fast-set", dest="fast_overrides", action="append", default=[],
+                    help="extra overrides for the fast (auto) run only")
     args = ap.parse_args(argv)
 
     from bevt.train.pretrain import build_config, pretrain
@@ -48,9 +53,11 @@ def main(argv=None) -> int:
                 f"optim.epochs={max(1, args.steps // 12 + 1)}", "run.log_every=1", "run.progress=false",
                 "run.tensorboard=false", "model.drop_path_rate=0.0", *args.overrides]
         over += [f"kernels.{op}={kernels}" for op in ("window_attention", "masked_ce", "masking")]
+        over += args.fast_overrides if kernels == "auto" else []
         s = pretrain(build_config("default", over))
         curves[kernels] = curve(os.path.join(work, kernels))
-        summaries[kernels] = {"backends": s["backends"], "elapsed_s": s["elapsed_s"]}
+        summaries[kernels] = {"backends": s["backends"], "elapsed_s": s["elapsed_s"],
+                              "overrides": args.overrides + (args.fast_overrides if kernels == "auto" else [])}
     a, b = smooth(curves["auto"]), smooth(curves["ref"])
     rel = np.abs(a - b) / np.maximum(np.abs(b), 1e-6)
     verdict = {"steps": args.steps, "mean_rel_diff": float(rel.mean()), "max_rel_diff": float(rel.max()),
