@@ -439,13 +439,15 @@ def _tokens_bwd(do: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor, k
     dq, dk, dv = dqkv.unbind(4)
     dt, dkv = _launch_bwd(geo, True, q, k, v, kv_pad.contiguous(), bias_table, o.contiguous(),
                           do.contiguous(), lse, dq, dk, dv, scale, has_pad)
-    dkv_pad = dkv.to(kv_pad.dtype) if dkv is not None else torch.zeros_like(kv_pad)
-    return dqkv, dt, dkv_pad
+    # contiguous outputs whatever the inputs' strides: the fake below promises exactly that to the compiler
+    dkv_pad = dkv.to(kv_pad.dtype) if dkv is not None else kv_pad.new_zeros(kv_pad.shape)
+    return dqkv, dt.contiguous(), dkv_pad.contiguous()
 
 
 @_tokens_bwd.register_fake
 def _(do, qkv, bias_table, kv_pad, o, lse, window_size, shift_size, table_window_size, mask_shift_size, scale):
-    return torch.empty_like(qkv), torch.empty_like(bias_table), torch.empty_like(kv_pad)
+    # new_empty, not empty_like: the real op returns contiguous tensors (empty_like keeps a permuted input's strides)
+    return qkv.new_empty(qkv.shape), bias_table.new_empty(bias_table.shape), kv_pad.new_empty(kv_pad.shape)
 
 
 def _tokens_setup(ctx, inputs, output):
@@ -492,7 +494,7 @@ def _windows_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: 
 @_windows_fwd.register_fake
 def _(q, k, v, bias_table, window_size, table_window_size, padded_grid, mask_shift_size, scale):
     bw, nh, n, _ = q.shape
-    return torch.empty_like(q), q.new_empty(bw, nh, n, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(bw, nh, n, dtype=torch.float32)
 
 
 @torch.library.custom_op("bevt::window_attention_windows_bwd", mutates_args=())
@@ -505,12 +507,12 @@ def _windows_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dt, _ = _launch_bwd(geo, False, q, k, v, None, bias_table, o.contiguous(), do.contiguous(), lse, dq, dk, dv, scale,
                         False)
-    return dq, dk, dv, dt
+    return dq, dk, dv, dt.contiguous()
 
 
 @_windows_bwd.register_fake
 def _(do, q, k, v, bias_table, o, lse, window_size, table_window_size, padded_grid, mask_shift_size, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias_table)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bias_table.new_empty(bias_table.shape)
 
 
 def _windows_setup(ctx, inputs, output):

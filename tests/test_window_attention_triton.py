@@ -264,6 +264,34 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def _permuted(t):
+    """The same values with transposed strides on the first two axes (what a view of a weight gives)."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@needs_triton
+def test_backward_ops_pass_opcheck_with_permuted_inputs():
+    # padded geometry (kv_pad gets a gradient) and inputs that are not contiguous: the fake kernels must give
+    # the strides the real ones return, or a compiled block fails its stride assertion (seen on the GPU)
+    ws, ss, ts, ms = [2, 3, 3], [1, 1, 1], [2, 3, 3], [1, 1, 1]
+    qkv, table, kvp, do = make(1, (2, 3, 4), 2, 16, (2, 3, 3), torch.float32, seed=5)
+    kvp = _permuted(kvp)
+    assert not kvp.is_contiguous()
+    o, lse = torch.ops.bevt.window_attention_tokens_fwd(qkv, table, kvp, ws, ss, ts, ms, 0.25)
+    torch.library.opcheck(torch.ops.bevt.window_attention_tokens_bwd.default,
+                          (do, qkv, _permuted(table), kvp, o, lse, ws, ss, ts, ms, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    q = torch.randn(6, 2, 18, 16, device=DEV)  # windowed layout: (B*nW, heads, N, d)
+    k, v = _permuted(torch.randn(6, 2, 18, 16, device=DEV)), torch.randn(6, 2, 18, 16, device=DEV)
+    grid = [2, 3, 6]
+    o, lse = torch.ops.bevt.window_attention_windows_fwd(q, k, v, table, ws, ts, grid, ms, 0.25)
+    torch.library.opcheck(torch.ops.bevt.window_attention_windows_fwd.default, (q, k, v, table, ws, ts, grid, ms, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.bevt.window_attention_windows_bwd.default,
+                          (torch.randn_like(o), q, k, v, table, o, lse, ws, ts, grid, ms, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ----------------------------------------------------------------------------- predicate
 def test_predicate_reasons():
     table = torch.randn(table_length((2, 7, 7)), 2)
