@@ -285,6 +285,26 @@ def test_resume_is_exact_with_augmentation_and_ema(tiny_finetune, tmp_path):
         torch.testing.assert_close(ema_full[k], ema_part[k])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_run_matches_eager_run(tiny_finetune, tmp_path):
+    """Fine-tuning replayed from CUDA graphs (augmentation outside the graph, EMA and a validation between
+    the epochs, i.e. eval mode and back) gives the eager run's losses and validation accuracy."""
+    from bevt.train.finetune import finetune
+
+    common = ["run.device=cuda", "data.decoder=pyav", "model.head_dropout=0.0", "aug.randaugment=true",
+              "ema.enabled=true", "optim.epochs=2", "optim.max_steps=8", "eval.val_every=1", "eval.val_batch_size=4"]
+
+    def losses(run):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+    eager = finetune(tiny_finetune(tmp_path / "eager", *common))
+    graphed = finetune(tiny_finetune(tmp_path / "graph", *common, "run.cuda_graph=true"))
+    assert graphed["steps"] == eager["steps"] == 8
+    assert losses(tmp_path / "graph") == pytest.approx(losses(tmp_path / "eager"), rel=1e-2, abs=1e-2)
+    assert graphed["val_top1"] == pytest.approx(eager["val_top1"], abs=0.15)
+
+
 def test_ddp_two_processes_match_one(tiny_finetune, tmp_path):
     """2 gloo processes x 2 clips == 1 process x 4 clips: the same samples, augmentation and losses."""
     from bevt.train.finetune import finetune
