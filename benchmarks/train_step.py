@@ -25,7 +25,7 @@ import argparse
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -109,21 +109,18 @@ class StepBench:
         ids_v = f._tokens(x["video_tok"].flatten(0, 1)).view(B, T, *f.grid) if B else None
         ids_i = f._tokens(x["images_tok"]) if self.images else None
         mark("tokenizer")
-        total = None
+        streams = []
         if B:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                hv = m.encode_video(normalize(x["video"], channel_dim=1), vin)
-                lv, _ = m._stream_loss(hv, vtgt, ids_v, "video")
-            mark("video_fwd")
-            lv.backward()
-            mark("video_bwd")
+            streams.append(("video", lambda: m.encode_video(normalize(x["video"], channel_dim=1), vin), vtgt, ids_v))
         if self.images:
+            streams.append(("image", lambda: m.encode_images(normalize(x["images"], channel_dim=1), imask), imask,
+                            ids_i))
+        for name, encode, target_mask, ids in streams:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                hi = m.encode_images(normalize(x["images"], channel_dim=1), imask)
-                li, _ = m._stream_loss(hi, imask, ids_i, "image")
-            mark("image_fwd")
-            li.backward()
-            mark("image_bwd")
+                loss, _ = m._stream_loss(encode(), target_mask, ids, name)
+            mark(f"{name}_fwd")
+            loss.backward()
+            mark(f"{name}_bwd")
 
 
 PATHS = {  # name -> (kernels, compile blocks and tokenizer, CUDA graphs)

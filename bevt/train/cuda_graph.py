@@ -40,6 +40,7 @@ def _signature(args: tuple) -> tuple:
 @dataclass
 class _Captured:
     signature: tuple
+    params: list[nn.Parameter]  # the module's trainable parameters at capture: the backward graph's outputs
     static_inputs: list[torch.Tensor]
     keys: list[str]
     static_outputs: list[torch.Tensor]
@@ -138,8 +139,7 @@ class GraphedStep:
             self.eager_calls += 1
             return self._eager(args)
         cap = self._cap
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        outs = _Replay.apply(cap, len(tensors), *tensors, *params)
+        outs = _Replay.apply(cap, len(tensors), *tensors, *cap.params)
         return dict(zip(cap.keys, outs))
 
     def _capture(self, args: tuple, sig: tuple) -> _Captured:
@@ -179,5 +179,5 @@ class GraphedStep:
             static_grads = list(grads_of(out, [g for g in static_grad_outputs if g is not None]))
         # the outputs as stored tensors, without the autograd graph of the capture
         static_outputs = [o.detach() for o in static_outputs]
-        return _Captured(sig, static_inputs, keys, static_outputs, differentiable, static_grad_outputs, static_grads,
+        return _Captured(sig, params, static_inputs, keys, static_outputs, differentiable, static_grad_outputs, static_grads,
                          fwd, bwd)

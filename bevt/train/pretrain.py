@@ -227,11 +227,11 @@ class PretrainStep:
         def to_dev(b, key):
             return None if b is None else b[key].to(dev, non_blocking=True)
 
-        out = self.step_fn(to_dev(vb, "video"), to_dev(vb, "video_tok"),
-                           self._slice(m_in, ctx) if vb is not None else None,
-                           self._slice(m_tgt, ctx) if vb is not None else None,
-                           to_dev(ib, "images"), to_dev(ib, "images_tok"),
-                           self._slice(m_img, ctx) if ib is not None else None)
+        def mine(masks, b):  # this process's share of a stream's masks
+            return None if b is None else self._slice(masks, ctx)
+
+        out = self.step_fn(to_dev(vb, "video"), to_dev(vb, "video_tok"), mine(m_in, vb), mine(m_tgt, vb),
+                           to_dev(ib, "images"), to_dev(ib, "images_tok"), mine(m_img, ib))
         counts = {k: n for k, n in (("clips", B), ("images", Bi)) if n}
         return out["loss"], out, counts
 
