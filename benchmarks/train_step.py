@@ -191,7 +191,7 @@ def step_flops(sb: StepBench) -> float:
 
 KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
     ("attention (Triton)", ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dbias_kernel", "_bwd_dkdv_kernel",
-                            "_table_grad_kernel")),
+                            "_bwd_window_kernel", "_table_grad_kernel")),
     ("masked CE (Triton)", ("_prep_kernel", "_logits_kernel", "_ce_rows_kernel", "_grad_kernel", "_final_kernel",
                             "_scale_kernel")),
     ("conv (cuDNN)", ("conv", "cudnn", "implicit_gemm", "xmma_fprop", "dgrad", "wgrad", "fprop", "winograd")),

@@ -22,8 +22,11 @@ Kernels (launched by ``bevt.kernels.window_attention``):
 * ``_bwd_dkdv_kernel``: one program per (key tile, head, window): recomputes P^T and dS^T per query
   tile, accumulates dK and dV in registers; in token layout, the rows of padded tokens are summed into
   a per-program partial of the kv_pad gradient instead of being stored.
-* ``_table_grad_kernel``: deterministic gather of the bias-table gradient: for table row l, the sum
-  over the ranges r and over the (i, j) pairs with index(i, j) = l (a CSR list sorted by l) of DBP.
+* ``_bwd_window_kernel``: replaces the three backward kernels above when a window fits one tile (the image
+  path's 49 tokens): one program per (head, range of windows) computes dQ, dK, dV and the partials at once.
+* ``_table_grad_kernel``: deterministic gather of the bias-table gradient: for table row l, the sum over
+  the (i, j) pairs with index(i, j) = l (a CSR list sorted by l) of DBP summed over the ranges r (the
+  launcher sums the ranges first: one contiguous streaming reduction instead of R scattered loads per pair).
 
 No kernel uses atomics: every output is written by exactly one program, in a fixed order, so all
 results are bitwise reproducible for a given launch configuration.
@@ -490,6 +493,60 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, 
                    HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BNT)
 
 
+# ----------------------------------------------------------------------------- backward: one-tile windows
+@triton.jit(do_not_specialize=_RUNTIME)
+def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, qk_scale,
+                       sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
+                       WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
+                       HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BT: tl.constexpr):
+    """The whole backward of windows that fit one BT x BT tile (N <= BT: the 49-token image windows), one
+    program per (head, range of WPP windows). With every query and key of a window in the program, dQ, dK,
+    dV, the bias-gradient partial and the kv_pad partial all come from one recompute of P: one pass over the
+    scores instead of the three of the dQ, bias-gradient and dK/dV kernels (and no delta round trip)."""
+    N: tl.constexpr = WD * WH * WW
+    pid = tl.program_id(0)
+    h = pid % NH
+    r = pid // NH
+    dcol = tl.arange(0, DH)
+    n = tl.arange(0, BT)  # the window's tokens, as queries (rows) and as keys (columns)
+    dbacc = tl.zeros((BT, BT), tl.float32)
+    dkp = tl.zeros((DH,), tl.float32)
+    dvp = tl.zeros((DH,), tl.float32)
+    for wl in range(WPP):
+        wi = r * WPP + wl
+        reg, real, row, row_o = _rows(n, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, N, NP, LAYOUT)
+        q = tl.load(Q + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+        do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+        o = tl.load(O + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(LSE + (wi * NH + h).to(tl.int64) * N + n, mask=n < N, other=float("inf"))  # padded rows: p = 0
+        bias = _bias_tile(TAB + h * (NP * NP), n + wl * zero, 0, BT, NP)
+        s, k, v = _key_scores(q, reg, bias, K, V, KVP, n, wi, h, _win_masked(wi, nWd, nWh, nWw, MD, MH, MW),
+                              qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
+                              HAS_PAD, IEEE)
+        p = tl.math.exp2(s - lse[:, None])
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])  # dL/d(score), natural units
+        dbacc += ds
+        ds_lo = _cvt(ds, q.dtype, IEEE)
+        dq = _dot(ds_lo, k, IEEE) * sm_scale
+        dk = _dot(tl.trans(ds_lo), q, IEEE) * sm_scale
+        dv = _dot(tl.trans(_cvt(p, do.dtype, IEEE)), do, IEEE)
+        keep = real[:, None]
+        tl.store(DQ + row[:, None] + dcol[None, :], _cvt(dq, DQ.dtype.element_ty, IEEE), mask=keep)
+        tl.store(DK + row[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=keep)
+        tl.store(DV + row[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=keep)
+        if HAS_PAD:  # padded tokens' k, v are kv_pad: their gradients are summed into this program's partial
+            pad = ((n < N) & (real == 0))[:, None]
+            dkp += tl.sum(tl.where(pad, dk, 0.0), 0)
+            dvp += tl.sum(tl.where(pad, dv, 0.0), 0)
+    base = DBP + (r * NH + h).to(tl.int64) * (BT * BT)  # one plane per range and head, as _bwd_dbias_kernel's
+    tl.store(base + n[:, None] * BT + n[None, :], dbacc)
+    if HAS_PAD:
+        base = DKVP + (r * NH + h).to(tl.int64) * (2 * DH)
+        tl.store(base + dcol, dkp)
+        tl.store(base + DH + dcol, dvp)
+
+
 # ----------------------------------------------------------------------------- bias planes from the table
 @triton.jit
 def _expand_bias_kernel(TAB, IDX, OUT, NH: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
@@ -508,9 +565,12 @@ def _expand_bias_kernel(TAB, IDX, OUT, NH: tl.constexpr, NP: tl.constexpr, BLOCK
 
 # ----------------------------------------------------------------------------- bias-table gradient gather
 @triton.jit
-def _table_grad_kernel(DBP, ORDER, OFFS, DT, L, NH: tl.constexpr, R: tl.constexpr, PLANE: tl.constexpr,
-                       MAXC: tl.constexpr, BL: tl.constexpr, CH: tl.constexpr):
-    """DT[l, h] = sum_r sum_{c < count(l)} DBP[r, h].flat[ORDER[OFFS[l] + c]], in a fixed order."""
+def _table_grad_kernel(DBS, ORDER, OFFS, DT, L, NH: tl.constexpr, PLANE: tl.constexpr, BL: tl.constexpr,
+                       CH: tl.constexpr):
+    """DT[l, h] = sum_{c < count(l)} DBS[h].flat[ORDER[OFFS[l] + c]], in a fixed order. DBS (NH, NQP, NKP):
+    the bias-gradient partials already summed over the ranges of windows. A block of BL table rows loops
+    only as far as its own longest row (rows the geometry never uses, e.g. every dt != 0 row on the image
+    path, cost one load of their offsets)."""
     lb = tl.program_id(0)
     h = tl.program_id(1)
     rows = lb * BL + tl.arange(0, BL)
@@ -518,11 +578,10 @@ def _table_grad_kernel(DBP, ORDER, OFFS, DT, L, NH: tl.constexpr, R: tl.constexp
     start = tl.load(OFFS + rows, mask=live, other=0)
     end = tl.load(OFFS + rows + 1, mask=live, other=0)
     acc = tl.zeros((BL,), tl.float32)
-    for c in range(0, MAXC, CH):
+    plane = DBS + h.to(tl.int64) * PLANE
+    for c in range(0, tl.max(end - start, 0), CH):
         j = start[:, None] + c + tl.arange(0, CH)[None, :]
         m = j < end[:, None]
         pair = tl.load(ORDER + j, mask=m, other=0)
-        for r in range(R):
-            vals = tl.load(DBP + (r * NH + h).to(tl.int64) * PLANE + pair, mask=m, other=0.0)
-            acc += tl.sum(vals, 1)
+        acc += tl.sum(tl.load(plane + pair, mask=m, other=0.0), 1)
     tl.store(DT + rows * NH + h, acc, mask=live)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Sequence
 
 import torch
@@ -59,6 +58,14 @@ class Config:
     db_programs: int = 2048  # (the bias-gradient kernel's ranges also set how many partials exist)
     kv_programs: int = 1024
     dbp_max_bytes: int = 64 << 20  # cap of the bias-gradient partials (fewer ranges if exceeded)
+    # windows that fit one tile of the dQ kernel (N <= 64: the image path) get the one-pass backward kernel
+    # (dQ, dK, dV and the partials from one recompute of P) instead of the three backward kernels
+    one_tile_backward: bool = True
+    win_warps: int = 4
+    win_stages: int = 2
+    # no register cap for it: it holds P, dS, the bias-gradient partial and three gradients at once (255 registers,
+    # 2 CTAs per SM, no spills); img stage 1 fwd+bwd 0.54 ms with the common cap of 168 (476 B spills), 0.41 without
+    win_maxnreg: int = 0
     # register cap per thread for all kernels (0: the compiler's choice, 240-255 here: 2 CTAs of 4 warps per SM).
     # 168 gives 3 CTAs at the price of small spills: stage 1 fwd+bwd 3.24 -> 2.93 ms (H100, 2026-11-23)
     maxnreg: int = 168
@@ -66,7 +73,7 @@ class Config:
 
 GPU_CONFIG = Config()
 # the interpreter runs programs one by one in numpy: small tiles exercise the tail logic at little cost
-INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1, maxnreg=0)
+INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1, maxnreg=0, win_maxnreg=0)
 _config_override: Config | None = None
 
 
@@ -247,7 +254,7 @@ def _ieee(dtype: torch.dtype) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _pairs_by_row(ws: tuple, ts: tuple, nkp: int, device_str: str):
-    """CSR of the (i, j) pairs of each table row: (order int32, offsets int32 (L+1), max count)."""
+    """CSR of the (i, j) pairs of each table row: (order int32, offsets int32 (L+1))."""
     from bevt.ops.window_attention import relative_position_index, table_length
 
     idx = relative_position_index(ws, ts).view(-1)
@@ -259,7 +266,7 @@ def _pairs_by_row(ws: tuple, ts: tuple, nkp: int, device_str: str):
     counts = torch.bincount(idx, minlength=table_length(ts))
     offs = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     offs[1:] = torch.cumsum(counts, 0)
-    return flat.to(device_str), offs.to(torch.int32).to(device_str), int(counts.max())
+    return flat.to(device_str), offs.to(torch.int32).to(device_str)
 
 
 # ----------------------------------------------------------------------------- launch specs + launchers
@@ -280,7 +287,8 @@ class LaunchSpec:
 
 @functools.lru_cache(maxsize=256)  # host time: a Swin step launches these for a few geometries, many times
 def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Config) -> dict[str, LaunchSpec]:
-    """Specs of the "fwd", "dq", "db" (bias-gradient partials) and "dkdv" kernels."""
+    """Specs of the "fwd" kernel and of the backward: "dq", "db" (bias-gradient partials) and "dkdv", or
+    "window" alone when a window fits one tile."""
     layout = int(tokens) + (2 if big else 0)
     common = dict(**geo.constexprs(), NP=_padded_extent(geo.n, cfg), LAYOUT=layout, IEEE=_ieee(dtype))
     specs = {}
@@ -296,6 +304,14 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nqf, bmt = _split(geo.n, cfg.dq_bm)
     nkf, bnt = _split(geo.n, cfg.dq_bn)
     nqt = nqf + (1 if bmt else 0)
+    if cfg.one_tile_backward and geo.n <= min(cfg.dq_bm, cfg.dq_bn):
+        # one (BT, BT) tile holds the window: one backward kernel, one bias-gradient plane per range and head
+        bt = max(16, triton_next_pow2(geo.n))
+        wpp = _windows_per_program(geo.bw, geo.nh, cfg.dq_programs)
+        window = LaunchSpec(_k._bwd_window_kernel, (geo.bw // wpp * geo.nh,), dict(common, WPP=wpp, BT=bt),
+                            cfg.win_warps, cfg.win_stages, dict(ranges=geo.bw // wpp, nqp=bt, nkp=bt, nkt=1),
+                            maxnreg=cfg.win_maxnreg)
+        return {**_capped(specs, cfg), "window": window}
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.dq_programs)
     specs["dq"] = LaunchSpec(_k._bwd_dq_kernel, (geo.bw // wpp * geo.nh * nqt,),
                              dict(common, WPP=wpp, BM=cfg.dq_bm, NQF=nqf, BMT=bmt, NQT=nqt, BN=cfg.dq_bn, NKF=nkf,
@@ -322,6 +338,10 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
                                dict(common, WPP=wpp, HOIST=cfg.kv_hoist, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
                                     NKF=nkf, BNT=bnt, NKT=nkt), cfg.kv_warps, cfg.kv_stages,
                                dict(ranges=geo.bw // wpp, nkt=nkt))
+    return _capped(specs, cfg)
+
+
+def _capped(specs: dict, cfg: Config) -> dict:
     if cfg.maxnreg:
         specs = {name: dataclasses.replace(spec, maxnreg=cfg.maxnreg) for name, spec in specs.items()}
     return specs
@@ -358,30 +378,39 @@ def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, d
     dev = q.device
     specs = launch_specs(geo, tokens, q.dtype, _big(q), _config(dev, geo.n))
     rt = dict(**geo.shifts(), HAS_PAD=int(has_pad))
-    np_, pdt = specs["dq"].constexprs["NP"], _plane_dtype(q.dtype)
-    planes, planes_t = _expand_bias(bias_table, geo, np_, pdt, both=True)
-    kvp = planes if kvp is None else kvp  # windowed layout: no kv_pad (any valid pointer)
-    delta = torch.empty_like(lse)
+    one_tile = "window" in specs
+    np_, pdt = specs["fwd"].constexprs["NP"], _plane_dtype(q.dtype)
     gargs = geo.runtime(tokens, np_, dev)
-    # 1. dQ + delta
-    _launch(specs["dq"], dev, q, k, v, kvp, planes, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0, **rt)
-    # 2. bias partials (one fp32 (nqp, nkp) plane per range of windows and head)
-    f = specs["db"].facts
+    planes = _expand_bias(bias_table, geo, np_, pdt, both=not one_tile)
+    if not one_tile:
+        planes, planes_t = planes
+    kvp = planes if kvp is None else kvp  # windowed layout: no kv_pad (any valid pointer)
+    # bias-gradient partials: one fp32 (nqp, nkp) plane per range of windows and head; kv_pad partials: one
+    # (2, d) pair per program
+    f = specs["window" if one_tile else "db"].facts
+    g = specs["window" if one_tile else "dkdv"].facts
     dbp = torch.empty(f["ranges"], geo.nh, f["nqp"], f["nkp"], device=dev, dtype=torch.float32)
-    _launch(specs["db"], dev, q, k, v, kvp, planes, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
-    # 3. dK, dV (+ kv_pad partials, one per program)
-    g = specs["dkdv"].facts
     dkvp = torch.empty(g["ranges"] * geo.nh * g["nkt"] * 2 * geo.d if has_pad else 1, device=dev,
                        dtype=torch.float32)
-    _launch(specs["dkdv"], dev, q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E, scale,
-            0, **rt)
-    # 4. bias-table gradient: gather the partials by table row, in a fixed order
+    if one_tile:
+        _launch(specs["window"], dev, q, k, v, kvp, planes, o, do, lse, dq, dk, dv, dbp, dkvp, *gargs,
+                scale * LOG2E, scale, 0, **rt)
+    else:
+        delta = torch.empty_like(lse)
+        # 1. dQ + delta  2. bias partials  3. dK, dV (+ kv_pad partials)
+        _launch(specs["dq"], dev, q, k, v, kvp, planes, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0, **rt)
+        _launch(specs["db"], dev, q, k, v, kvp, planes, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
+        _launch(specs["dkdv"], dev, q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E,
+                scale, 0, **rt)
+    # 4. bias-table gradient: sum the partials over the ranges (a contiguous, deterministic reduction), then
+    # gather the sum by table row, in a fixed order
+    dbs = dbp.sum(0) if f["ranges"] > 1 else dbp[0]
     L = geo.table_rows
-    order, offs, maxc = _pairs_by_row(geo.ws, geo.ts, f["nkp"], str(dev))
+    order, offs = _pairs_by_row(geo.ws, geo.ts, f["nkp"], str(dev))
     dt = torch.empty(L, geo.nh, device=dev, dtype=torch.float32)
     bl, ch = 32, 64
-    _launcher(_k._table_grad_kernel)((triton_cdiv(L, bl), geo.nh), dev, dbp, order, offs, dt, L, NH=geo.nh,
-                                     R=f["ranges"], PLANE=f["nqp"] * f["nkp"], MAXC=maxc, BL=bl, CH=ch, num_warps=4)
+    _launcher(_k._table_grad_kernel)((triton_cdiv(L, bl), geo.nh), dev, dbs, order, offs, dt, L, NH=geo.nh,
+                                     PLANE=f["nqp"] * f["nkp"], BL=bl, CH=ch, num_warps=4)
     dkv_pad = None
     if has_pad:
         dkv_pad = dkvp.view(g["ranges"], geo.nh, g["nkt"], 2, geo.d).sum((0, 2)).permute(1, 0, 2)

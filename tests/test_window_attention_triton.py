@@ -146,6 +146,33 @@ def test_tokens_real_window_8x7x7():
 
 
 @needs_triton
+@pytest.mark.parametrize("one_tile", [True, False], ids=["one_tile_kernel", "three_kernels"])
+@pytest.mark.parametrize("grid", [(1, 7, 7), (1, 9, 8)], ids=["exact", "padded"])
+def test_one_tile_windows_backward(one_tile, grid):
+    """49-token windows fit one tile: by default one backward kernel computes dQ, dK, dV and the partials
+    (one pass); one_tile_backward=False runs the three kernels. Several ranges of windows in both (their
+    partials summed before the gather); the padded grid also checks the kv_pad gradient."""
+    with tiles(one_tile_backward=one_tile, dq_programs=4, db_programs=4, kv_programs=4):
+        qkv = torch.empty(4, *grid, 3, 2, 16, device=DEV, dtype=torch.bfloat16)
+        geo = KERN._tokens_geo(qkv, (1, 7, 7), (0, 3, 3), (3, 7, 7), (0, 3, 3))
+        specs = KERN.launch_specs(geo, True, qkv.dtype, False, KERN._config(qkv.device, geo.n))
+        assert ("window" in specs) == one_tile and ("dq" in specs) != one_tile
+        assert specs["window" if one_tile else "db"].facts["ranges"] > 1
+        check_tokens(4, grid, 2, 16, (1, 7, 7), (0, 3, 3), (3, 7, 7), (0, 3, 3))
+
+
+@needs_triton
+def test_bias_gradient_over_several_ranges():
+    """Two tiles per window and several ranges of windows: the partials are summed over the ranges first."""
+    with tiles(dq_programs=8, db_programs=8):
+        qkv = torch.empty(2, 2, 9, 8, 3, 1, 16, device=DEV, dtype=torch.bfloat16)
+        geo = KERN._tokens_geo(qkv, (2, 7, 7), (1, 3, 3), (2, 7, 7), (1, 3, 3))
+        specs = KERN.launch_specs(geo, True, qkv.dtype, False, KERN._config(qkv.device, geo.n))
+        assert "window" not in specs and specs["db"].facts["ranges"] > 1
+        check_tokens(2, (2, 9, 8), 1, 16, (2, 7, 7), (1, 3, 3), (2, 7, 7))
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_tokens_other_dtypes(dtype):
     check_tokens(1, (2, 6, 5), 1, 16, (2, 4, 4), (1, 2, 2), (2, 4, 4), dtype=dtype)
