@@ -17,7 +17,6 @@ choices, documented in docs/ARCHITECTURE.md:
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
