@@ -1,5 +1,6 @@
 """The shared training loop's own bookkeeping: the data-wait share it logs (and a fast loader's absence of it)."""
 import json
+import math
 import os
 import time
 
@@ -82,3 +83,85 @@ def test_secondary_loader_cycles_through_consecutive_epochs(tmp_path):
             optimizer=opt, schedule=CosineSchedule(opt, base_lr=0.01, total_steps=steps, warmup_steps=0),
             cfg=cfg, device=torch.device("cpu"), dist=DistInfo(), run_dir=str(tmp_path), config_dict={}).fit()
     assert images.epochs_started == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- divergence
+def _diverging_fit(tmp_path, nan_from: int, nan_to: int, *, through_params: bool, log_every: int, ckpt_every: int,
+                   steps: int = 8):
+    """Steps nan_from <= step < nan_to add NaN to the loss: through the parameters (their gradients and then
+    the parameters turn NaN) or as a constant (the loss is NaN, the gradients stay finite)."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def compute(batches, ctx):
+        b = batches["main"]
+        loss = torch.nn.functional.mse_loss(model(b["x"]), b["y"])
+        if nan_from <= ctx.step < nan_to:
+            loss = loss + (model.weight.sum() * float("nan") if through_params else float("nan"))
+        return loss, {"loss": loss}, {"clips": 4}
+
+    cfg = LoopConfig(total_steps=steps, steps_per_epoch=steps, log_every=log_every, ckpt_every=ckpt_every,
+                     progress=False, tensorboard=False)
+    trainer = Trainer(model=model, compute=compute, loaders={"main": _Loader(steps, 0.0)}, main_loader="main",
+                      optimizer=opt, schedule=CosineSchedule(opt, base_lr=0.01, total_steps=steps, warmup_steps=0),
+                      cfg=cfg, device=torch.device("cpu"), dist=DistInfo(), run_dir=str(tmp_path), config_dict={})
+    return trainer
+
+
+def _checkpoint_steps(run_dir):
+    from bevt.train.checkpoint import checkpoint_dirs
+
+    return [step for step, _ in checkpoint_dirs(str(run_dir))]
+
+
+def test_diverged_parameters_stop_the_run_at_the_log_step(tmp_path):
+    from bevt.train.loop import TrainingDiverged
+
+    trainer = _diverging_fit(tmp_path, 3, 99, through_params=True, log_every=1, ckpt_every=2)
+    with pytest.raises(TrainingDiverged, match=r"by step 4 \(loss=nan\): the model's parameters are no longer finite"
+                                               r".*last checkpoint is .*step"):
+        trainer.fit()
+    assert _checkpoint_steps(tmp_path) == [2]  # nothing after the bad step
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        assert json.loads(f.readlines()[-1])["step"] == 4  # the bad row is logged before the stop
+
+
+def test_no_checkpoint_is_written_from_non_finite_parameters(tmp_path):
+    """Between log steps the checkpoint itself checks: the last good checkpoint stays the latest."""
+    from bevt.train.loop import TrainingDiverged
+
+    trainer = _diverging_fit(tmp_path, 3, 99, through_params=True, log_every=100, ckpt_every=2)
+    with pytest.raises(TrainingDiverged, match="refusing to write the checkpoint of step 4"):
+        trainer.fit()
+    assert _checkpoint_steps(tmp_path) == [2]
+
+
+def test_a_lasting_non_finite_loss_stops_the_run_even_with_finite_parameters(tmp_path):
+    from bevt.train.loop import NONFINITE_LOSS_PATIENCE, TrainingDiverged
+
+    trainer = _diverging_fit(tmp_path, 2, 99, through_params=False, log_every=1, ckpt_every=0)
+    with pytest.raises(TrainingDiverged, match=f"non-finite for {NONFINITE_LOSS_PATIENCE} log intervals"):
+        trainer.fit()
+    assert trainer.state.step == 2 + NONFINITE_LOSS_PATIENCE
+
+
+def test_one_non_finite_interval_with_finite_parameters_is_survived(tmp_path):
+    """fp16's loss scaler skips an overflowing step: a single bad interval is not a divergence."""
+    trainer = _diverging_fit(tmp_path, 3, 4, through_params=False, log_every=1, ckpt_every=0)
+    summary = trainer.fit()
+    assert summary["steps"] == 8 and math.isfinite(summary["last"]["loss"])
+    assert _checkpoint_steps(tmp_path) == [8]
+
+
+def test_cli_reports_a_diverged_run_with_exit_code_1(capsys):
+    from types import SimpleNamespace
+
+    from bevt.train.loop import TrainingDiverged
+    from bevt.train.pretrain import run_job
+
+    def job(cfg, resume):
+        raise TrainingDiverged("training diverged by step 7 (loss=nan): ...")
+
+    args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None)
+    assert run_job("bevt pretrain", lambda recipe, overrides: object(), job, args) == 1
+    assert "bevt pretrain: training diverged by step 7" in capsys.readouterr().err

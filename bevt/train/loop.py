@@ -6,6 +6,10 @@ schedule, DDP, logging, checkpoints and exact resume.
 
 Host syncs: none per step except on log steps (``run.log_every``), where the accumulated device-side
 metrics are reduced and read once, and at checkpoints. Everything else stays queued on the device.
+
+Divergence fails clearly (:class:`TrainingDiverged`): a non-finite logged loss with non-finite parameters
+(or a loss non-finite for several log intervals) stops the run, and no checkpoint is written from
+non-finite parameters, so the last good one stays the latest.
 """
 from __future__ import annotations
 
@@ -45,6 +49,14 @@ class StepContext:
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # run.amp -> autocast dtype ("off": none)
+# log intervals in a row whose loss may be non-finite while the parameters stay finite (fp16: the loss
+# scaler skips the steps whose gradients overflowed; a rare overflowing forward is survivable, a lasting one
+# means every step is being skipped)
+NONFINITE_LOSS_PATIENCE = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the parameters stopped being finite; nothing is written after that point."""
 
 Compute = Callable[[dict, StepContext], "tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, int]]"]
 
@@ -90,6 +102,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self._iters: dict[str, Iterator] = {}
         self.last_checkpoint: str | None = None
+        self._nonfinite_intervals = 0
 
     # ------------------------------------------------------------------ state
     def trainer_state(self) -> dict:
@@ -134,6 +147,9 @@ class Trainer:
         self.state.step, self.state.epoch, self.state.step_in_epoch = st["step"], st["epoch"], st["step_in_epoch"]
 
     def save(self) -> str | None:
+        if not _parameters_finite(self.model):  # never replace good checkpoints with a diverged model
+            raise TrainingDiverged(self._diverged_message(
+                f"refusing to write the checkpoint of step {self.state.step}: the model's parameters are not finite"))
         state = self.trainer_state()  # every rank takes part (RNG gather)
         path = None
         if self.dist.is_main:
@@ -142,6 +158,30 @@ class Trainer:
         barrier(self.dist)
         self.last_checkpoint = path
         return path
+
+    def _check_finite(self, row: dict) -> None:
+        """At a log step: raise if the logged loss is non-finite and the parameters are too (bf16/fp32: one
+        bad step already ruined them) or the loss stayed non-finite for NONFINITE_LOSS_PATIENCE intervals."""
+        bad = {k: v for k, v in row.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v)}
+        if not bad:
+            self._nonfinite_intervals = 0
+            return
+        self._nonfinite_intervals += 1
+        params_ok = _parameters_finite(self.model)
+        if params_ok and self._nonfinite_intervals < NONFINITE_LOSS_PATIENCE:
+            return
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        why = ("the model's parameters are no longer finite" if not params_ok else
+               f"the loss was non-finite for {self._nonfinite_intervals} log intervals in a row (the parameters are "
+               f"still finite: the optimizer skipped those steps)")
+        raise TrainingDiverged(self._diverged_message(f"training diverged by step {self.state.step} ({shown}): {why}"))
+
+    def _diverged_message(self, what: str) -> str:
+        last = self.last_checkpoint or "none yet"
+        return (f"{what}. Nothing was written after it; the last checkpoint is {last}. Usual causes: a learning "
+                f"rate too high for the batch size (optim.lr, optim.warmup_epochs), fp16 overflow (run.amp=bf16), "
+                f"tokenizer ids outside the codebook (tokenizer.vocab_size), broken input data. The metrics up to "
+                f"this step are in {os.path.join(self.run_dir, 'metrics.jsonl')}")
 
     # ------------------------------------------------------------------ data
     def _next(self, name: str) -> dict:
@@ -233,6 +273,7 @@ class Trainer:
                         peak_mem = max(peak_mem, mem)
                         row["mem_gb"] = mem
                     log.log(st.step, row, cfg.bar_keys)
+                    self._check_finite(row)
                     first = first or row
                     last = row
                     sums, counts, n_micro, t_log, wait_s = {}, {}, 0, now, 0.0
@@ -255,6 +296,12 @@ class Trainer:
         return {"steps": st.step, "epochs": st.epoch, "elapsed_s": elapsed, "first": first or {}, "last": last,
                 "peak_mem_gb": peak_mem, "data_wait_pct": 100.0 * wait_total / max(elapsed, 1e-9),
                 "checkpoint": self.last_checkpoint}
+
+
+def _parameters_finite(model: nn.Module) -> bool:
+    """One host sync: are all parameters finite?"""
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all().item()) if flags else True
 
 
 def steps_for(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> int:

@@ -19,7 +19,7 @@ from bevt.data.transforms import normalize
 from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, step_masks
 from bevt.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from bevt.train.logger import format_summary
-from bevt.train.loop import AMP_DTYPES, LoopConfig, StepContext, Trainer, steps_for
+from bevt.train.loop import AMP_DTYPES, LoopConfig, StepContext, Trainer, TrainingDiverged, steps_for
 
 
 # ----------------------------------------------------------------------------- config and environment
@@ -422,7 +422,8 @@ def add_job_arguments(p, recipe_help: str, set_example: str) -> None:
 
 
 def run_job(command: str, build, job, args) -> int:
-    """Build the config from ``args``, print it or run ``job(cfg, resume=...)``; bad input -> message, exit 2."""
+    """Build the config from ``args``, print it or run ``job(cfg, resume=...)``; bad input -> message, exit 2;
+    a diverged run -> message, exit 1."""
     try:
         cfg = build(args.recipe, args.overrides)
     except (ConfigError, ValueError) as e:
@@ -438,6 +439,9 @@ def run_job(command: str, build, job, args) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
