@@ -236,13 +236,15 @@ def test_windowed_without_mask_or_grid():
 
 # ----------------------------------------------------------------------------- determinism, compile, registration
 @needs_triton
-def test_backward_is_bitwise_deterministic():
+@pytest.mark.parametrize("one_tile", [True, False], ids=["one_tile_kernel", "three_kernels"])
+def test_backward_is_bitwise_deterministic(one_tile):
     """Stated in CAPABILITIES: no atomics, the bias-table gradient is reduced in a fixed order."""
     assert CAPABILITIES["triton"].extra["deterministic"]
     geo = dict(window_size=(2, 4, 4), shift_size=(1, 2, 2), table_window_size=(2, 4, 4), mask_shift_size=(1, 2, 2))
     qkv, table, kvp, do = make(1, (3, 5, 6), 1, 16, (2, 4, 4), torch.bfloat16, seed=7)
-    a = run_tokens(qkv, table, kvp, do, "triton", **geo)
-    b = run_tokens(qkv, table, kvp, do, "triton", **geo)
+    with tiles(one_tile_backward=one_tile, dq_programs=2, db_programs=2, kv_programs=2):
+        a = run_tokens(qkv, table, kvp, do, "triton", **geo)
+        b = run_tokens(qkv, table, kvp, do, "triton", **geo)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
