@@ -220,7 +220,8 @@ def test_eval_ddp_two_processes_match_one(finetuned, synth_dataset, tmp_path):
     lines = open(synth_dataset.val_list).read().splitlines()[:7]
     lst = tmp_path / "val7.txt"
     lst.write_text("".join(os.path.join(str(synth_dataset.root), ln) + "\n" for ln in lines))
-    common = ["--checkpoint", finetuned, "--list", str(lst), "--views", "val", "--no-plot", "--set", "eval.val_batch_size=2"]
+    common = ["--checkpoint", finetuned, "--list", str(lst), "--views", "val", "--no-plot", "--set", "eval.val_batch_size=2",
+              "--set", "run.device=cpu"]  # gloo, also on a GPU machine
     assert main(["eval", *common, "--out", str(tmp_path / "one")]) == 0
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
             "-m", "bevt.cli", "eval", *common, "--out", str(tmp_path / "two")]

@@ -310,7 +310,7 @@ def test_ddp_two_processes_match_one(tiny_finetune, tmp_path):
     from bevt.train.finetune import finetune
 
     common = ["optim.max_steps=3", "eval.val_every=0", "model.head_dropout=0.0", "aug.randaugment=true",
-              "aug.erasing_p=0.5", "label_smoothing=0.1"]
+              "aug.erasing_p=0.5", "label_smoothing=0.1", "run.device=cpu"]  # gloo, also on a GPU machine
 
     def losses(run):
         with open(os.path.join(run, "metrics.jsonl")) as f:

@@ -74,7 +74,7 @@ def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path):
     official variable counts each process averages over its own masked tokens, as the official code does.)
     """
     common = TINY + [f"data.root={synth_dataset.root}", f"tokenizer.path={tokenizer_file}", "optim.max_steps=4",
-                     "mask.exact=true", "mask.tube_range=1.0,1.0"]
+                     "mask.exact=true", "mask.tube_range=1.0,1.0", "run.device=cpu"]  # gloo, also on a GPU machine
     one = build_config("default", common + [f"run.out_dir={tmp_path / 'one'}"])
     pretrain(one)
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",

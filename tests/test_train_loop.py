@@ -165,3 +165,18 @@ def test_cli_reports_a_diverged_run_with_exit_code_1(capsys):
     args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None)
     assert run_job("bevt pretrain", lambda recipe, overrides: object(), job, args) == 1
     assert "bevt pretrain: training diverged by step 7" in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node=2 on a machine with one GPU: the second process says so (not CUDA's raw
+    'invalid device ordinal'), before touching CUDA."""
+    from bevt.config import ConfigError
+    from bevt.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    with pytest.raises(ConfigError, match=r"local rank 1 .* 1 CUDA GPU\(s\) are visible.*--nproc_per_node.*run.device=cpu"):
+        distributed.init_distributed("cuda")

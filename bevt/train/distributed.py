@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bevt.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,6 +36,11 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            visible = torch.cuda.device_count()
+            if local_rank >= visible:  # else a raw "invalid device ordinal" from CUDA
+                raise ConfigError(f"this process is local rank {local_rank} of a torchrun job, but {visible} CUDA "
+                                  f"GPU(s) are visible: start at most {visible} process(es) per node "
+                                  f"(--nproc_per_node), or use the CPU with run.device=cpu (gloo)")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
