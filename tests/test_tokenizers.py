@@ -319,3 +319,21 @@ def test_vq_config_validation():
         VQConfig(decay=1.0)
     with pytest.raises(ValueError, match="widths"):
         VQConfig(widths=(8, 8))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padded_input_channels_give_the_same_conv(channels_last):
+    """The CUDA path's zero-padded input channels (a faster cuDNN kernel) change no number: checked on CPU."""
+    from bevt.tokenizers.dalle import pad_input_channels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 3, 7, 7, generator=g, dtype=torch.float64)
+    xp, wp = pad_input_channels(x, w, 4)
+    assert xp.shape == (2, 4, 16, 16) and wp.shape == (8, 4, 7, 7)
+    assert xp.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(xp[:, :3], x) and not xp[:, 3:].any() and not wp[:, 3:].any()
+    torch.testing.assert_close(F.conv2d(xp, wp, padding=3), F.conv2d(x, w, padding=3), rtol=1e-12, atol=1e-12)
+    assert pad_input_channels(xp, wp, 4)[0] is xp  # a multiple already: unchanged

@@ -71,10 +71,31 @@ class DalleConv2d(nn.Module):
         self.b = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+        w = self.w
+        if x.is_cuda and self.n_in % CUDA_CHANNEL_MULTIPLE:
+            x, w = pad_input_channels(x, w, CUDA_CHANNEL_MULTIPLE)
+        return F.conv2d(x, w, self.b, padding=(self.kw - 1) // 2)
 
     def extra_repr(self) -> str:
         return f"{self.n_in}, {self.n_out}, kw={self.kw}"
+
+
+# cuDNN runs the 3-channel input conv (7x7, NHWC) on a slow non-tensor-core kernel; with the channels
+# zero-padded to 4 it takes a tensor-core one: 3.99 -> 2.75 ms for 128 images of 112x112 in fp16 on an H100;
+# the compiled DALL-E encoder on a BEVT-B step's 192 frames, 32.8 -> 30.9 ms (2026-11-23). Exact in exact
+# arithmetic (the extra channels multiply zero weights); in fp16 the other kernel rounds differently, which
+# moved 0.07 % of the ids of random-weight logits (near-ties), as switching cuDNN algorithms does.
+CUDA_CHANNEL_MULTIPLE = 4
+
+
+def pad_input_channels(x: torch.Tensor, w: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the channels of x (N, C, H, W) and the input channels of w (O, C, k, k) to a multiple; x keeps
+    its memory format (channels-last stays channels-last)."""
+    pad = -x.shape[1] % multiple
+    if pad == 0:
+        return x, w
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return (F.pad(x, (0, 0, 0, 0, 0, pad)).contiguous(memory_format=fmt), F.pad(w, (0, 0, 0, 0, 0, pad)))
 
 
 class DalleEncoderBlock(nn.Module):
