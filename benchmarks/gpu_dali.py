@@ -236,7 +236,7 @@ def throughput(loader, batch_size: int, *, batches: int, warmup: int) -> float:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(batches):
-        b = next(it)
+        next(it)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return batches * batch_size / (time.perf_counter() - t0)

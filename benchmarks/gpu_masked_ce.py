@@ -123,7 +123,6 @@ def main():
     B, L, D, V, MPS = 8, 3136, 1024, 8192, 784
     M = B * MPS
     gemm_flop = 2 * M * D * V
-    table = []
 
     # ------------------------------------------------------------------ 1. correctness at the step shape
     t0 = time.time()

@@ -160,8 +160,8 @@ def test_dalle_pickle_round_trip(tmp_path, zipfile_format):
     # The safe copies of the same weights: safetensors (with config metadata) and a plain state dict.
     tok.save(tmp_path / "encoder.safetensors")
     torch.save(tok.encoder.state_dict(), tmp_path / "encoder.pt")
-    for copy in ("encoder.safetensors", "encoder.pt"):
-        assert torch.equal(load_tokenizer(tmp_path / copy).encode(x), ids), copy
+    for name in ("encoder.safetensors", "encoder.pt"):
+        assert torch.equal(load_tokenizer(tmp_path / name).encode(x), ids), name
 
 
 class _Exploit:
