@@ -520,6 +520,8 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
         o = tl.load(O + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse = tl.load(LSE + (wi * NH + h).to(tl.int64) * N + n, mask=n < N, other=float("inf"))  # padded rows: p = 0
+        # opaque to the compiler: the bias tile is reloaded per window (an L1 hit) instead of held in 32 more
+        # registers across the loop (hoisted, the kernel spilled more)
         bias = _bias_tile(TAB + h * (NP * NP), n + wl * zero, 0, BT, NP)
         s, k, v = _key_scores(q, reg, bias, K, V, KVP, n, wi, h, _win_masked(wi, nWd, nWh, nWw, MD, MH, MW),
                               qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,

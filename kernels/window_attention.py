@@ -300,10 +300,6 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     specs["fwd"] = LaunchSpec(_k._fwd_kernel, (geo.bw // wpp * geo.nh * nqt,),
                               dict(common, WPP=wpp, HOIST=cfg.fwd_hoist, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
                                    BN=cfg.fwd_bn, NKF=nkf, BNT=bnt), cfg.fwd_warps, cfg.fwd_stages, {})
-    # dQ + delta: programs (query tile, head, range of windows)
-    nqf, bmt = _split(geo.n, cfg.dq_bm)
-    nkf, bnt = _split(geo.n, cfg.dq_bn)
-    nqt = nqf + (1 if bmt else 0)
     if cfg.one_tile_backward and geo.n <= min(cfg.dq_bm, cfg.dq_bn):
         # one (BT, BT) tile holds the window: one backward kernel, one bias-gradient plane per range and head
         bt = max(16, triton_next_pow2(geo.n))
@@ -312,6 +308,10 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
                             cfg.win_warps, cfg.win_stages, dict(ranges=geo.bw // wpp, nqp=bt, nkp=bt, nkt=1),
                             maxnreg=cfg.win_maxnreg)
         return {**_capped(specs, cfg), "window": window}
+    # dQ + delta: programs (query tile, head, range of windows)
+    nqf, bmt = _split(geo.n, cfg.dq_bm)
+    nkf, bnt = _split(geo.n, cfg.dq_bn)
+    nqt = nqf + (1 if bmt else 0)
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.dq_programs)
     specs["dq"] = LaunchSpec(_k._bwd_dq_kernel, (geo.bw // wpp * geo.nh * nqt,),
                              dict(common, WPP=wpp, BM=cfg.dq_bm, NQF=nqf, BMT=bmt, NQT=nqt, BN=cfg.dq_bn, NKF=nkf,
