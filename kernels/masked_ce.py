@@ -9,14 +9,16 @@ Design (docs/kernels/masked_ce.md has the measurements and the reasoning):
   compact list of masked token ids ``idx_M`` and a chunk table (first row, row count) for the chunks the
   host will launch. The host launches ``ceil(N / C_max)`` chunks; chunks past M find a row count of 0 in
   the table and return at once.
-* Three GEMMs, one bounded logits chunk. Per chunk of C masked rows (three launches):
-    1. ``_logits_kernel``: logits_CV = H[idx] @ W^T + b in the head's dtype (rows gathered in the kernel),
-       written to one chunk buffer of C_max x V (the only large temporary); its epilogue also keeps, per
-       row and 256-column tile, the max, the sum of exp, the first argmax and the target's logit.
-    2. ``_ce_rows_kernel``: streaming, RB rows x BC columns per program: log-sum-exp from the tile
+* Three GEMMs, one bounded logits chunk. Per chunk of C masked rows (four launches):
+    1. ``_gather_kernel``: the chunk's hidden rows H[idx] copied into a compact buffer H_chunk (the logits'
+       A operand, read through a tensor descriptor, and the dW tiles' B operand).
+    2. ``_logits_kernel``: logits_CV = H_chunk @ W^T + b in the head's dtype, written to one chunk buffer of
+       C_max x V (the only large temporary); its epilogue also keeps, per row and 256-column tile, the max,
+       the sum of exp, the first argmax and the target's logit.
+    3. ``_ce_rows_kernel``: streaming, RB rows x BC columns per program: log-sum-exp from the tile
        statistics, loss and hit per row, and (gradients wanted) the chunk overwritten with
-       ``softmax - onehot`` (dS). Extra programs copy the chunk's hidden rows into a compact buffer.
-    3. ``_grad_kernel``: one launch with two kinds of tiles: dH tiles (dS_CV @ W_VD, scattered to the
+       ``softmax - onehot`` (dS).
+    4. ``_grad_kernel``: one launch with two kinds of tiles: dH tiles (dS_CV @ W_VD, scattered to the
        token rows of grad_hidden) first, because each is 4x longer, then dW tiles (dS^T @ H_chunk,
        accumulated over chunks in fp32; the first column of tiles also sums dS into db).
   Gradients are computed during the forward, scaled by 1/max(M, 1), because the loss is a scalar; the
@@ -95,16 +97,46 @@ def _prep_kernel(csum_ptr, idx_ptr, tab_ptr, dh_ptr, N, D, stride_dh, n_chunks, 
         tl.store(tab_ptr + 2 * cs + 1, cnt, mask=cs < n_chunks)
 
 
-def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, w_ptr, stride_w, w_desc, b_ptr, out_ptr, stride_o,
+def _gather_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, hc_ptr, stride_hc, lg_ptr, stride_l, c_rows, V, D, chunk,
+                   ZERO_LG: tl.constexpr, GR: tl.constexpr, BD: tl.constexpr, ZB: tl.constexpr):
+    """Compact rows of one chunk: hc[i] = H[idx[r0 + i]] for i < count (hc_ptr [c_rows, D]).
+
+    Rows [count, count rounded up to ZB) of hc, and with ZERO_LG of the logits chunk lg_ptr [c_rows, *], are
+    zeroed, so that the dW tiles read whole blocks of K rows without masks. GR rows per program.
+    """
+    pid = tl.program_id(0)
+    r0 = tl.load(tab_ptr + 2 * chunk)
+    rows_c = tl.load(tab_ptr + 2 * chunk + 1)
+    rows = pid * GR + tl.arange(0, GR)
+    r_ok = rows < rows_c
+    z_ok = (rows >= rows_c) & (rows < (rows_c + ZB - 1) // ZB * ZB) & (rows < c_rows)
+    if pid * GR < (rows_c + ZB - 1) // ZB * ZB:
+        tok = tl.load(idx_ptr + r0 + rows, mask=r_ok, other=0).to(tl.int64)
+        rows64 = rows.to(tl.int64)
+        for d0 in range(0, D, BD):
+            cd = d0 + tl.arange(0, BD)
+            d_ok = cd[None, :] < D
+            x = tl.load(h_ptr + tok[:, None] * stride_h + cd[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
+            tl.store(hc_ptr + rows64[:, None] * stride_hc + cd[None, :], x, mask=(r_ok[:, None] | z_ok[:, None]) & d_ok)
+        if ZERO_LG:
+            for v0 in range(0, V, BD):
+                cv = v0 + tl.arange(0, BD)
+                tl.store(lg_ptr + rows64[:, None] * stride_l + cv[None, :],
+                         tl.zeros((GR, BD), dtype=lg_ptr.dtype.element_ty), mask=z_ok[:, None] & (cv[None, :] < V))
+
+
+def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, a_desc, w_ptr, stride_w, w_desc, b_ptr, out_ptr, stride_o,
                    tgt_ptr, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, V, D, chunk, NT,
                    HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
                    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """logits[i, v] = sum_d H[idx[r0 + i], d] * W[v, d] + b[v], for chunk rows i < count, in H's dtype.
 
-    h_ptr: [N, D] hidden (row stride stride_h). w_ptr: [V, D] head weight already in H's dtype; w_desc: a
-    tensor descriptor of it with block [BN, BK] (USE_TMA) or None. b_ptr: [V] bias (any float dtype; it is
-    rounded to H's dtype first, as F.linear in that dtype does). out_ptr: [C_max, *] logits chunk, row stride
-    stride_o. Grid: ceil(C_max / BM) * ceil(V / BN), row-block major (one row block's tiles run together).
+    h_ptr: [N, D] hidden (row stride stride_h), its rows gathered through idx; or (USE_TMA) a_desc, a tensor
+    descriptor of the chunk's compact rows hc [C_max, D] with block [BM, BK]. w_ptr: [V, D] head weight
+    already in H's dtype; w_desc (USE_TMA): its descriptor with block [BN, BK]. b_ptr: [V] bias (any float
+    dtype; it is rounded to H's dtype first, as F.linear in that dtype does). out_ptr: [C_max, *] logits
+    chunk, row stride stride_o. Grid: ceil(C_max / BM) * ceil(V / BN), row-block major (one row block's tiles
+    run together).
     Epilogue statistics of the rounded logits, per chunk row i and column tile j < NT = ceil(V / BN):
     pmax/psum/pidx [C_max, NT] (max, sum of exp(x - max), first argmax) and tlog [C_max] (the logit of the
     row's target, tgt_ptr [N], written by the one tile that holds it).
@@ -129,15 +161,14 @@ def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, w_ptr, stride_w, w_desc, b
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # 2. main loop over the hidden size
     for k in range(0, tl.cdiv(D, BK)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < D - k * BK, other=0.0)
-        if USE_TMA:
+        if USE_TMA:  # out-of-bounds parts of a block read as zeros
+            a = a_desc.load([pid_m * BM, k * BK])
             b = w_desc.load([pid_n * BN, k * BK]).T
         elif EVEN_K:
+            a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < D - k * BK, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < D - k * BK, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -180,73 +211,52 @@ def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, w_ptr, stride_w, w_desc, b
 
 
 def _ce_rows_kernel(lg_ptr, stride_l, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, tgt_ptr, idx_ptr, tab_ptr, loss_ptr,
-                    hit_ptr, h_ptr, stride_h, hc_ptr, stride_hc, c_rows, V, D, chunk, NT, N_CB, N_STREAM,
-                    WRITE_GRAD: tl.constexpr, GATHER: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
-                    NTB: tl.constexpr, GR: tl.constexpr, BD: tl.constexpr, ZB: tl.constexpr):
+                    hit_ptr, V, chunk, NT, N_CB, WRITE_GRAD: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
+                    NTB: tl.constexpr):
     """Loss and hits per row from the tile statistics; dS = softmax - onehot over the chunk (streaming).
 
-    Programs [0, N_STREAM): RB rows x BC columns each (N_CB column blocks per row block). Each combines the
-    NT tile statistics of its rows (pmax/psum/pidx [C_max, NT], tlog [C_max]) into the log-sum-exp; the
-    programs of column block 0 write loss_ptr / hit_ptr [N] at the rows' masked index r0 + i (loss NaN for a
-    target outside [0, V)); with WRITE_GRAD each program overwrites its block of the logits chunk lg_ptr
-    [C_max, *] with exp(x - lse) - onehot. Programs from N_STREAM on (GATHER, for the dW tiles): copy GR
-    rows H[idx[r0 + i]] into the compact chunk hc_ptr [c_rows, D], and zero rows [count, count rounded up
-    to ZB) of both hc and the logits chunk, so that the dW tiles read whole blocks of K rows unmasked.
+    RB rows x BC columns per program (N_CB column blocks per row block). Each combines the NT tile statistics
+    of its rows (pmax/psum/pidx [C_max, NT], tlog [C_max]) into the log-sum-exp; the programs of column
+    block 0 write loss_ptr / hit_ptr [N] at the rows' masked index r0 + i (loss NaN for a target outside
+    [0, V)); with WRITE_GRAD each program overwrites its block of the logits chunk lg_ptr [C_max, *] with
+    exp(x - lse) - onehot.
     """
     pid = tl.program_id(0)
     r0 = tl.load(tab_ptr + 2 * chunk)
     rows_c = tl.load(tab_ptr + 2 * chunk + 1)
-    if pid < N_STREAM:
-        rb = pid // N_CB
-        cb = pid % N_CB
-        if rb * RB < rows_c:
-            rows = rb * RB + tl.arange(0, RB)
-            r_ok = rows < rows_c
-            rows64 = rows.to(tl.int64)
-            # 1. log-sum-exp from the tile statistics
-            j = tl.arange(0, NTB)
-            s_ok = r_ok[:, None] & (j[None, :] < NT)
-            sp = rows64[:, None] * NT + j[None, :]
-            pm = tl.load(pmax_ptr + sp, mask=s_ok, other=-float("inf"))
-            ps = tl.load(psum_ptr + sp, mask=s_ok, other=0.0)
-            m = tl.max(pm, axis=1)
-            m_safe = tl.where(r_ok, m, 0.0)
-            lse = m_safe + tl.log(tl.sum(ps * tl.exp(pm - m_safe[:, None]), axis=1))
-            tok = tl.load(idx_ptr + r0 + rows, mask=r_ok, other=0).to(tl.int64)
-            t = tl.load(tgt_ptr + tok, mask=r_ok, other=-1).to(tl.int32)
-            # 2. loss and hit (first tile reaching the max holds the first argmax)
-            if cb == 0:
-                jf = tl.min(tl.where(pm == m[:, None], j[None, :], NTB), axis=1)
-                am = tl.load(pidx_ptr + rows64 * NT + jf, mask=r_ok & (jf < NT), other=-1)
-                t_ok = (t >= 0) & (t < V)
-                xt = tl.load(tlog_ptr + rows, mask=r_ok & t_ok, other=0.0)
-                tl.store(loss_ptr + r0 + rows, tl.where(t_ok, lse - xt, float("nan")), mask=r_ok)
-                tl.store(hit_ptr + r0 + rows, (am == t).to(tl.int32), mask=r_ok)
-            # 3. dS = softmax - onehot, in place
-            if WRITE_GRAD:
-                cols = cb * BC + tl.arange(0, BC)
-                ok = r_ok[:, None] & (cols[None, :] < V)
-                ptrs = lg_ptr + rows64[:, None] * stride_l + cols[None, :]
-                x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
-                tl.store(ptrs, g.to(lg_ptr.dtype.element_ty), mask=ok)
-    else:
-        if GATHER:
-            rows = (pid - N_STREAM) * GR + tl.arange(0, GR)
-            r_ok = rows < rows_c
-            z_ok = (rows >= rows_c) & (rows < (rows_c + ZB - 1) // ZB * ZB) & (rows < c_rows)
-            tok = tl.load(idx_ptr + r0 + rows, mask=r_ok, other=0).to(tl.int64)
-            rows64 = rows.to(tl.int64)
-            for d0 in range(0, D, BD):
-                cd = d0 + tl.arange(0, BD)
-                d_ok = cd[None, :] < D
-                x = tl.load(h_ptr + tok[:, None] * stride_h + cd[None, :], mask=r_ok[:, None] & d_ok, other=0.0)
-                tl.store(hc_ptr + rows64[:, None] * stride_hc + cd[None, :], x,
-                         mask=(r_ok[:, None] | z_ok[:, None]) & d_ok)
-            for v0 in range(0, V, BD):
-                cv = v0 + tl.arange(0, BD)
-                tl.store(lg_ptr + rows64[:, None] * stride_l + cv[None, :],
-                         tl.zeros((GR, BD), dtype=lg_ptr.dtype.element_ty), mask=z_ok[:, None] & (cv[None, :] < V))
+    rb = pid // N_CB
+    cb = pid % N_CB
+    if rb * RB < rows_c:
+        rows = rb * RB + tl.arange(0, RB)
+        r_ok = rows < rows_c
+        rows64 = rows.to(tl.int64)
+        # 1. log-sum-exp from the tile statistics
+        j = tl.arange(0, NTB)
+        s_ok = r_ok[:, None] & (j[None, :] < NT)
+        sp = rows64[:, None] * NT + j[None, :]
+        pm = tl.load(pmax_ptr + sp, mask=s_ok, other=-float("inf"))
+        ps = tl.load(psum_ptr + sp, mask=s_ok, other=0.0)
+        m = tl.max(pm, axis=1)
+        m_safe = tl.where(r_ok, m, 0.0)
+        lse = m_safe + tl.log(tl.sum(ps * tl.exp(pm - m_safe[:, None]), axis=1))
+        tok = tl.load(idx_ptr + r0 + rows, mask=r_ok, other=0).to(tl.int64)
+        t = tl.load(tgt_ptr + tok, mask=r_ok, other=-1).to(tl.int32)
+        # 2. loss and hit (first tile reaching the max holds the first argmax)
+        if cb == 0:
+            jf = tl.min(tl.where(pm == m[:, None], j[None, :], NTB), axis=1)
+            am = tl.load(pidx_ptr + rows64 * NT + jf, mask=r_ok & (jf < NT), other=-1)
+            t_ok = (t >= 0) & (t < V)
+            xt = tl.load(tlog_ptr + rows, mask=r_ok & t_ok, other=0.0)
+            tl.store(loss_ptr + r0 + rows, tl.where(t_ok, lse - xt, float("nan")), mask=r_ok)
+            tl.store(hit_ptr + r0 + rows, (am == t).to(tl.int32), mask=r_ok)
+        # 3. dS = softmax - onehot, in place
+        if WRITE_GRAD:
+            cols = cb * BC + tl.arange(0, BC)
+            ok = r_ok[:, None] & (cols[None, :] < V)
+            ptrs = lg_ptr + rows64[:, None] * stride_l + cols[None, :]
+            x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
+            tl.store(ptrs, g.to(lg_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -463,6 +473,7 @@ def _scale_kernel(g_ptr, hmul_ptr, dh_ptr, stride_dh, mask_ptr, N, D, dw_ptr, n_
 
 
 _prep = _Kernel(_prep_kernel)
+_gather = _Kernel(_gather_kernel, do_not_specialize=("chunk",))
 _logits = _Kernel(_logits_kernel, do_not_specialize=("chunk",))
 _ce_rows = _Kernel(_ce_rows_kernel, do_not_specialize=("chunk",))
 _grad = _Kernel(_grad_kernel, do_not_specialize=("chunk",))
@@ -480,12 +491,13 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
 
     bm/bn/bk, warps, stages: logits tiles (rows x codebook x hidden); gbm/gbn/gbk, gwarps, gstages: gradient
     tiles (dH: rows x hidden x codebook; dW: codebook x hidden x rows); ce_rows x ce_cols: block of the
-    streaming softmax kernel; align: chunks hold a multiple of this many rows; use_tma: tensor descriptors
-    for the operands that are not gathered; epi: dW epilogue (see ``_dw_tile``).
+    streaming softmax kernel; align: chunks hold a multiple of this many rows; use_tma: the logits kernel
+    reads both operands through tensor descriptors (the hidden rows from the chunk's compact copy); grad_tma:
+    the gradient tiles read theirs through tensor descriptors; epi: dW epilogue (see ``_dw_tile``).
     """
     if device.type == "cpu":  # interpreter: small tiles keep the tests fast and exercise the masks
         return dict(bm=16, bn=32, bk=16, gbm=16, gbn=32, gbk=16, ce_rows=4, ce_cols=32, warps=4,
-                    stages=1, gwarps=4, gstages=1, use_tma=False, align=16, epi=2)
+                    stages=1, gwarps=4, gstages=1, use_tma=False, grad_tma=False, align=16, epi=2)
     if dtype == torch.float32:
         cfg = dict(bm=64, bn=128, bk=32, gbm=64, gbn=128, gbk=32, warps=4, stages=3, gwarps=4, gstages=3)
     else:
@@ -494,7 +506,8 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     cfg["bk"] = min(cfg["bk"], max(16, _p2(D)))
     cfg["gbn"] = min(cfg["gbn"], max(16, _p2(D)))
     cfg["gbk"] = min(cfg["gbk"], max(16, _p2(V)))
-    cfg.update(ce_rows=8, ce_cols=min(1024, max(16, _p2(V))), use_tma=False, align=128, epi=2)
+    cfg.update(ce_rows=8, ce_cols=min(1024, max(16, _p2(V))), use_tma=dtype != torch.float32, grad_tma=False,
+               align=128, epi=2)
     return cfg
 
 
@@ -588,7 +601,10 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
         w_c = w_c.contiguous()
     v_pad = -(-V // 8) * 8
     logits = _poisoned((c_max, v_pad), dev, dtype)
-    hc = _poisoned((c_max, D), dev, dtype) if need_w else None  # compact masked rows of the chunk (dW tiles)
+    use_tma = bool(cfg["use_tma"]) and D % 8 == 0
+    # compact masked rows of the chunk: the dW tiles' operand, and the logits' A operand on the TMA path
+    hc = _poisoned((c_max, D), dev, dtype) if (need_w or use_tma) else None
+    use_tma = use_tma and _tma_ok(w_c, hc)
     loss_rows = torch.empty(N, device=dev, dtype=torch.float32)
     hit_rows = torch.empty(N, device=dev, dtype=torch.int32)
     dw = _poisoned((V, D), dev, torch.float32) if need_w else None
@@ -601,12 +617,14 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
 
     bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
     gbm, gbn, gbk = cfg["gbm"], cfg["gbn"], cfg["gbk"]
-    use_tma = bool(cfg["use_tma"]) and D % 8 == 0 and _tma_ok(w_c, logits, h2)
-    w_desc = lg_desc = lgt_desc = wt_desc = hc_desc = None
-    if use_tma:
+    grad_tma = bool(cfg["grad_tma"]) and D % 8 == 0 and _tma_ok(w_c, logits) and (hc is None or _tma_ok(hc))
+    w_desc = a_desc = lg_desc = lgt_desc = wt_desc = hc_desc = None
+    if use_tma or grad_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-
+    if use_tma:
         w_desc = TensorDescriptor.from_tensor(w_c, [bn, bk])
+        a_desc = TensorDescriptor.from_tensor(hc, [bm, bk])
+    if grad_tma:
         wt_desc = TensorDescriptor.from_tensor(w_c, [gbk, gbn])
         lg_desc = TensorDescriptor(logits, [c_max, V], [v_pad, 1], [gbm, gbk])
         lgt_desc = TensorDescriptor(logits, [c_max, V], [v_pad, 1], [gbk, gbm])
@@ -620,28 +638,30 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
     grid1 = (triton.cdiv(c_max, bm) * triton.cdiv(V, bn),)
     RB, BC, GR = cfg["ce_rows"], cfg["ce_cols"], 16
     n_cb = triton.cdiv(V, BC) if need_grad else 1
-    n_stream = triton.cdiv(c_max, RB) * n_cb
-    grid2 = (n_stream + (triton.cdiv(c_max, GR) if need_w else 0),)
+    grid2 = (triton.cdiv(c_max, RB) * n_cb,)
     n_dh_tiles = triton.cdiv(c_max, gbm) * triton.cdiv(D, gbn) if need_dh else 0
     n_dw_tiles = triton.cdiv(V, gbm) * triton.cdiv(D, gbn) if need_w else 0
     grad_args = (logits, v_pad, lg_desc, lgt_desc, w_c, w_c.stride(0), wt_desc, hc, D, hc_desc, idx, tab, csum,
                  dh, D, dw, D, db, N, V, D)
-    grad_kw = dict(H_BY_M=h_by_m, USE_TMA=use_tma, EVEN_V=(V % gbk == 0), DOT_PREC=prec, UPCAST=upcast,
+    grad_kw = dict(H_BY_M=h_by_m, USE_TMA=grad_tma, EVEN_V=(V % gbk == 0), DOT_PREC=prec, UPCAST=upcast,
                    BM=gbm, BN=gbn, BK=gbk, EPI=cfg["epi"], num_warps=cfg["gwarps"], num_stages=cfg["gstages"])
     split = [((n_dh_tiles,), True, False, n_dh_tiles), ((n_dw_tiles,), False, True, 0)]
     for c in range(n_chunks):
-        # 1. logits of the chunk's rows
-        _logits(grid1, dev, h2, h2.stride(0), idx, tab, w_c, w_c.stride(0), w_desc, bias if has_bias else None,
-                logits, v_pad, t1, pmax, psum, pidx, tlog, V, D, c, NT, HAS_BIAS=has_bias, USE_TMA=use_tma,
-                EVEN_K=(D % bk == 0), DOT_PREC=prec, UPCAST=upcast, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"],
-                num_stages=cfg["stages"])
-        # 2. loss, hits, dS in place (streaming); compact rows for the dW tiles
-        _ce_rows(grid2, dev, logits, v_pad, pmax, psum, pidx, tlog, t1, idx, tab, loss_rows, hit_rows, h2,
-                 h2.stride(0), hc, D, c_max, V, D, c, NT, n_cb, n_stream, WRITE_GRAD=need_grad, GATHER=need_w,
-                 RB=RB, BC=BC, NTB=_p2(NT), GR=GR, BD=min(256, _p2(max(D, 16))), ZB=gbk, num_warps=4)
+        # 1. compact copy of the chunk's hidden rows (the dW tiles' operand; the logits' on the TMA path)
+        if hc is not None:
+            _gather((triton.cdiv(c_max, GR),), dev, h2, h2.stride(0), idx, tab, hc, D, logits, v_pad, c_max, V, D,
+                    c, ZERO_LG=need_w, GR=GR, BD=min(256, _p2(max(D, 16))), ZB=gbk, num_warps=4)
+        # 2. logits of the chunk's rows and their tile statistics
+        _logits(grid1, dev, h2, h2.stride(0), idx, tab, a_desc, w_c, w_c.stride(0), w_desc,
+                bias if has_bias else None, logits, v_pad, t1, pmax, psum, pidx, tlog, V, D, c, NT,
+                HAS_BIAS=has_bias, USE_TMA=use_tma, EVEN_K=(D % bk == 0), DOT_PREC=prec, UPCAST=upcast, BM=bm,
+                BN=bn, BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        # 3. loss, hits, dS in place (streaming)
+        _ce_rows(grid2, dev, logits, v_pad, pmax, psum, pidx, tlog, t1, idx, tab, loss_rows, hit_rows, V, c, NT,
+                 n_cb, WRITE_GRAD=need_grad, RB=RB, BC=BC, NTB=_p2(NT), num_warps=4)
         if not need_grad:
             continue
-        # 3. dH and dW tiles: one launch (dH first), or two when split
+        # 4. dH and dW tiles: one launch (dH first), or two when split
         parts = [((n_dh_tiles + n_dw_tiles,), need_dh, need_w, n_dh_tiles)]
         if (cfg.get("split_grad") or _SPLIT_FALLBACK) and need_dh and need_w:
             parts = split

@@ -181,7 +181,8 @@ def test_triton_all_masked_and_two_dim_hidden():
 
 
 @needs_triton
-@pytest.mark.parametrize("cfg", [dict(use_tma=True), dict(split_grad=True), dict(epi=0), dict(epi=1)])
+@pytest.mark.parametrize("cfg", [dict(use_tma=True), dict(use_tma=False), dict(use_tma=True, grad_tma=True),
+                                 dict(split_grad=True), dict(epi=0), dict(epi=1)])
 def test_triton_variants(cfg):
     h, mask, w, b, t = make(2, 37, 32, 100, dtype=torch.bfloat16, seed=5)
     with KERN.config_override(**cfg):
