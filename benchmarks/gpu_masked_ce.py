@@ -167,10 +167,10 @@ def main():
     RES["grads_mib"] = grads_mib
 
     # ------------------------------------------------------------------ 2. timing + memory
-    variants = [("triton", {}), ("triton_tma", {"use_tma": True}), ("triton_s4", {"stages": 4, "gstages": 4}),
-                ("triton_tma_s4", {"use_tma": True, "stages": 4, "gstages": 4}),
-                ("triton_split", {"split_grad": True}), ("triton_epi1_atomic", {"epi": 1}),
-                ("triton_c3072", {"chunk_rows": 3072})]
+    variants = [("triton", {}),
+                ("triton_gathered_rows", {"use_tma": False}),  # the logits read H[idx] (sessions 4-7)
+                ("triton_grad_tma", {"grad_tma": True}), ("triton_bn128_s4", {"bn": 128, "stages": 4}),
+                ("triton_split", {"split_grad": True}), ("triton_c3072", {"chunk_rows": 3072})]
     if args.quick:
         variants = variants[:2]
     providers = [("ref_gather_first", run_ref), ("official_all_tokens", run_official)]
@@ -259,6 +259,30 @@ def main():
             RES["cublas"][k] = {"ms": ms, "tflops": gemm_flop / ms / 1e9 if "K=" in k else None}
             print(f"cuBLAS {k:28s} {ms:.4f} ms", flush=True)
         RES["cublas_3gemm_ms"] = sum(v["ms"] for k, v in RES["cublas"].items() if "K=" in k)
+        # the same products at the op's chunk size: the logits of all M rows do not fit the 64 MB budget, so
+        # any design that keeps them (three GEMMs) runs them per chunk of C rows
+        c_max = kern.chunk_bound(B * L, V, 2, 128)
+        n_act = -(-M // c_max)
+        c_rows = -(-(-(-M // n_act)) // 128) * 128
+        hcc, Gc = hg[:c_rows].contiguous(), G[:c_rows].contiguous()
+        chunk_gem = {
+            "fwd_logits (C x V, K=D)": lambda: F.linear(hcc, wb),
+            "dH (C x D, K=V)": lambda: Gc @ wb,
+            "dW (V x D, K=C)": lambda: Gc.t() @ hcc,
+            "full M, fwd_logits (M x V, K=D)": lambda: F.linear(hg, wb),
+            "full M, dH (M x D, K=V)": lambda: G @ wb,
+            "full M, dW (V x D, K=M)": lambda: G.t() @ hg,
+        }
+        RES["cublas_chunk"] = {"chunk_rows": c_rows, "chunks": n_act}
+        for k, fn in chunk_gem.items():
+            ms = graph_time_ms(fn)  # tens of us each: timed from a graph replay, without launch gaps
+            rows = M if k.startswith("full") else c_rows
+            RES["cublas_chunk"][k] = {"ms": ms, "tflops": 2 * rows * D * V / ms / 1e9}
+            print(f"cuBLAS, graph replay, {rows} rows: {k:34s} {ms:.4f} ms", flush=True)
+        RES["cublas_chunk"]["3gemm_all_chunks_ms"] = n_act * sum(
+            v["ms"] for k, v in RES["cublas_chunk"].items() if isinstance(v, dict) and not k.startswith("full"))
+        print(f"cuBLAS, three products over {n_act} chunks: {RES['cublas_chunk']['3gemm_all_chunks_ms']:.3f} ms", flush=True)
+        del hcc, Gc
         # probe: torch._grouped_mm takes the group sizes on the device (no host sync): cuBLAS-class GEMMs for
         # a future path? one group of M rows inside a buffer of N rows
         try:
