@@ -332,12 +332,38 @@ def _parse_literal(text: str, tp: Any) -> Any:
         if low in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"expected true/false, got {text!r}")
+    if typing.get_origin(tp) is tuple:
+        return _parse_sequence(text, tp)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if typing.get_origin(tp) is tuple:  # "256,320" without brackets
-            return [ast.literal_eval(p) if p.strip() else p for p in text.split(",")]
-        raise ConfigError(f"cannot parse {text!r} as {getattr(tp, '__name__', tp)}")
+        raise ConfigError(f"cannot parse {text!r} as {getattr(tp, '__name__', tp)}") from None
+
+
+def _parse_sequence(text: str, tp: Any) -> list:
+    """A tuple field's override: "256,320", "[256, 320]", "(a, b)", "['a', 'b']" or "" (empty). Items are split
+    on commas and each is parsed as its element type, so strings need no quotes (quotes are stripped)."""
+    body = text.strip()
+    if len(body) >= 2 and (body[0], body[-1]) in (("[", "]"), ("(", ")")):
+        body = body[1:-1]
+    items = [p.strip() for p in body.split(",")] if body.strip() else []
+    if items and not items[-1]:  # a trailing comma, as in "(a,)"
+        items.pop()
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        types = [args[0]] * len(items)
+    elif len(args) == len(items):
+        types = list(args)
+    else:  # wrong count: _coerce names the expected length
+        return items
+    out = []
+    for item, et in zip(items, types):
+        if et is str:
+            quoted = len(item) >= 2 and item[0] == item[-1] and item[0] in "'\""
+            out.append(item[1:-1] if quoted else item)
+        else:
+            out.append(_parse_literal(item, et))
+    return out
 
 
 def apply_overrides(cfg, overrides: list[str]):

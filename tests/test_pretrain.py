@@ -134,6 +134,21 @@ def test_cuda_graph_run_matches_eager_run(synth_dataset, tokenizer_file, tmp_pat
         assert b[step] == pytest.approx(a[step], rel=1e-2, abs=1e-2), (step, a, b)
 
 
+@pytest.mark.parametrize("text,want", [("norm,bias", ("norm", "bias")), ("[norm, bias]", ("norm", "bias")),
+                                       ('["norm", "bias"]', ("norm", "bias")), ("(norm,)", ("norm",)), ("", ())])
+def test_tuple_of_strings_override(text, want):
+    assert build_config("default", [f"optim.no_decay_keys={text}"]).optim.no_decay_keys == want
+
+
+def test_tuple_of_numbers_override():
+    assert build_config("default", ["optim.betas=0.9,0.95"]).optim.betas == (0.9, 0.95)
+    assert build_config("default", ["optim.betas=[0.9, 0.95]"]).optim.betas == (0.9, 0.95)
+    with pytest.raises(ConfigError, match="optim.betas must have 2 entries"):
+        build_config("default", ["optim.betas=0.9"])
+    with pytest.raises(ConfigError, match="cannot parse 'a' as float"):
+        build_config("default", ["optim.betas=a,0.9"])
+
+
 def test_cli_rejects_bad_override(capsys):
     from bevt.cli import main
 

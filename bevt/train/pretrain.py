@@ -415,7 +415,7 @@ def add_job_arguments(p, recipe_help: str, set_example: str) -> None:
     """The arguments every training command takes (pretrain, finetune)."""
     p.add_argument("--recipe", default="default", help=f"named recipe ({recipe_help}); default: the embedded run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"dotted override, repeatable, e.g. {set_example}")
+                   help=f"dotted override, repeatable (a tuple as a,b), e.g. {set_example}")
     p.add_argument("--resume", default="", metavar="auto|DIR",
                    help="continue exactly from a checkpoint folder, a run folder's latest, or 'auto' (the run's own)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
