@@ -86,7 +86,8 @@ class DataConfig:
     image_list: str = "images.txt"
     """Image annotation list or folder (image stream)."""
     synthesize_if_missing: bool = False
-    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default)."""
+    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default). An
+    override of ``data.root`` without one of this field sets it to false: the path is then your data."""
     clip_len: int = 16
     """Frames per clip (official pretraining: 16)."""
     frame_interval: int = 8
@@ -392,6 +393,12 @@ def apply_overrides(cfg, overrides: list[str]):
                     node[part] = _coerce(_parse_literal(text, tp), tp, key)
                 except ConfigError as e:
                     raise ConfigError(f"override {key!r}: {e}") from None
+    keys = {ov.split("=", 1)[0].strip() for ov in overrides}
+    if "data.root" in keys and "data.synthesize_if_missing" not in keys and data.get("data", {}).get(
+            "synthesize_if_missing"):
+        # a run pointed at its own data means that data: a mistyped path must be an error, not a synthetic
+        # dataset generated there because the recipe (the embedded default) synthesizes into its own root
+        data["data"]["synthesize_if_missing"] = False
     return from_dict(type(cfg), data)
 
 

@@ -149,6 +149,26 @@ def test_tuple_of_numbers_override():
         build_config("default", ["optim.betas=a,0.9"])
 
 
+def test_own_data_root_is_never_synthesized_into_unless_asked(tmp_path):
+    from bevt.train.finetune import build_config as build_finetune_config
+
+    assert build_config("default", []).data.synthesize_if_missing  # the embedded default makes its own data
+    for build in (build_config, build_finetune_config):
+        assert not build("default", [f"data.root={tmp_path / 'k400'}"]).data.synthesize_if_missing
+        assert build("default", [f"data.root={tmp_path}", "data.synthesize_if_missing=true"]).data.synthesize_if_missing
+    with pytest.raises(FileNotFoundError, match="synthesize_if_missing=true"):  # a mistyped path is an error
+        pretrain(build_config("default", [f"data.root={tmp_path / 'k4OO'}", f"run.out_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "k4OO").exists()
+
+
+def test_wrong_resume_fails_before_any_work(tmp_path):
+    cfg = build_config("default", [f"data.root={tmp_path / 'synth'}", "data.synthesize_if_missing=true",
+                                   f"run.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match="--resume .*not a checkpoint folder"):
+        pretrain(cfg, resume=str(tmp_path / "no_such_checkpoint"))
+    assert not (tmp_path / "synth").exists() and not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_bad_override(capsys):
     from bevt.cli import main
 

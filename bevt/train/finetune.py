@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from bevt.config import (ConfigError, KernelsConfig, OptimConfig, RunConfig, _check, apply_overrides, from_dict,
                          save_json, to_dict)
 from bevt.data.transforms import normalize
+from bevt.train import checkpoint as ckpt
 from bevt.train.loop import AMP_DTYPES, StepContext
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,7 +84,8 @@ class FTDataConfig:
     class_names: str = "classes.txt"
     """Optional file with one class name per line; when it exists its length must equal model.num_classes."""
     synthesize_if_missing: bool = False
-    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default)."""
+    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default). An
+    override of ``data.root`` without one of this field sets it to false: the path is then your data."""
     clip_len: int = 32
     """Frames per clip (official K400: 32)."""
     frame_interval: int = 2
@@ -614,6 +616,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     val_loader = None
     try:
         check_cuda_graph(cfg.run, device, dist)
+        ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the data work
         ensure_data(cfg, dist)
         d, o = cfg.data, cfg.optim
         lists = [d.train_list] + ([d.val_list] if cfg.eval.val_every else [])

@@ -17,6 +17,7 @@ import torch
 from bevt.config import ConfigError, PretrainConfig, apply_overrides, save_json, to_dict
 from bevt.data.transforms import normalize
 from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, step_masks
+from bevt.train import checkpoint as ckpt
 from bevt.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from bevt.train.logger import format_summary
 from bevt.train.loop import AMP_DTYPES, LoopConfig, StepContext, Trainer, TrainingDiverged, steps_for
@@ -75,7 +76,8 @@ def ensure_lists(root: str, needed: list[str], *, synthesize: bool, seed: int, d
         return
     if not synthesize:
         fix = f"set data.root=DIR (and {hint})" if not root else \
-            f"check data.root={root!r}, or create the built-in dataset with: bevt data synth --out {root}"
+            f"check data.root={root!r}, or create the built-in dataset with: bevt data synth --out {root} " \
+            "(or add --set data.synthesize_if_missing=true)"
         raise FileNotFoundError(f"dataset not found: {', '.join(missing)} does not exist; {fix}")
     if dist.is_main:
         from bevt.data import synth
@@ -315,6 +317,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     try:
         check_cuda_graph(cfg.run, device, dist)
+        ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the dataset and tokenizer work
         ensure_dataset(cfg, dist)
         tokenizer = ensure_tokenizer(cfg, device, dist)
         d, o = cfg.data, cfg.optim
