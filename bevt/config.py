@@ -86,8 +86,8 @@ class DataConfig:
     image_list: str = "images.txt"
     """Image annotation list or folder (image stream)."""
     synthesize_if_missing: bool = False
-    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default). An
-    override of ``data.root`` without one of this field sets it to false: the path is then your data."""
+    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default).
+    Overriding ``data.root`` without also setting this field turns it off: the path then holds your data."""
     clip_len: int = 16
     """Frames per clip (official pretraining: 16)."""
     frame_interval: int = 8
@@ -368,7 +368,9 @@ def _parse_sequence(text: str, tp: Any) -> list:
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Return a new config with ``section.field=value`` overrides applied and everything re-validated."""
+    """Return a new config with ``section.field=value`` overrides applied and everything re-validated.
+
+    An override of ``data.root`` without one of ``data.synthesize_if_missing`` also sets the latter to false."""
     data = to_dict(cfg)
     for ov in overrides:
         if "=" not in ov:

@@ -84,8 +84,8 @@ class FTDataConfig:
     class_names: str = "classes.txt"
     """Optional file with one class name per line; when it exists its length must equal model.num_classes."""
     synthesize_if_missing: bool = False
-    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default). An
-    override of ``data.root`` without one of this field sets it to false: the path is then your data."""
+    """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default).
+    Overriding ``data.root`` without also setting this field turns it off: the path then holds your data."""
     clip_len: int = 32
     """Frames per clip (official K400: 32)."""
     frame_interval: int = 2
