@@ -57,6 +57,7 @@ class StepBench:
     inputs: dict
     frames: int = 16
     step_count: int = 0
+    sync_grads: object = None  # under torchrun with AllReduceParallel: its all-reduce, after the backward
 
     @property
     def backends(self):
@@ -92,6 +93,9 @@ class StepBench:
                 mark("backward (graph)" if self.graphed else "backward")
             else:
                 self._run_phases(x, vin, vtgt, imask, mark)
+            if self.sync_grads is not None:
+                self.sync_grads()
+                mark("gradient all-reduce")
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 3.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

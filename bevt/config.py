@@ -199,7 +199,13 @@ class RunConfig:
     """Replay each micro-step's forward (tokenizer, both streams, losses) and backward from two CUDA graphs
     (``bevt.train.cuda_graph``): removes the host time of launching thousands of kernels, which bounds the
     fast path on an H100. One process on a CUDA device; fixed batch shapes (another shape runs eagerly);
-    best with ``run.compile=true``. The first step warms up and captures (a few eager steps' time)."""
+    best with ``run.compile=true``. The first step warms up and captures (a few eager steps' time). Under
+    torchrun it takes ``run.data_parallel=allreduce`` (what ``auto`` picks)."""
+    data_parallel: str = "auto"
+    """Gradient averaging under torchrun: ``ddp`` (DistributedDataParallel: all-reduce from backward hooks,
+    overlapped with the backward), ``allreduce`` (``bevt.train.distributed.AllReduceParallel``: one bucketed
+    all-reduce after the backward; works with ``run.cuda_graph``); ``auto``: ``allreduce`` with
+    ``run.cuda_graph=true``, else ``ddp``."""
     log_every: int = 10
     """Steps between log lines (the only host syncs of the loop)."""
     ckpt_every: int = 0
@@ -213,6 +219,10 @@ class RunConfig:
     def __post_init__(self):
         _check(self.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {self.device!r}")
         _check(self.amp in ("auto", "bf16", "fp16", "off"), f"run.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        _check(self.data_parallel in ("auto", "ddp", "allreduce"),
+               f"run.data_parallel must be auto, ddp or allreduce, got {self.data_parallel!r}")
+        _check(not (self.cuda_graph and self.data_parallel == "ddp"),
+               "run.cuda_graph=true cannot replay DDP's backward hooks: use run.data_parallel=allreduce (or auto)")
         _check(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
         _check(self.ckpt_every >= 0 and self.keep_last >= 1, "run.ckpt_every must be >= 0 and run.keep_last >= 1")
 

@@ -305,8 +305,10 @@ def test_cuda_graph_run_matches_eager_run(tiny_finetune, tmp_path):
     assert graphed["val_top1"] == pytest.approx(eager["val_top1"], abs=0.15)
 
 
-def test_ddp_two_processes_match_one(tiny_finetune, tmp_path):
-    """2 gloo processes x 2 clips == 1 process x 4 clips: the same samples, augmentation and losses."""
+@pytest.mark.parametrize("data_parallel,port", [("ddp", 29537), ("allreduce", 29538)])
+def test_ddp_two_processes_match_one(tiny_finetune, tmp_path, data_parallel, port):
+    """2 gloo processes x 2 clips == 1 process x 4 clips: the same samples, augmentation and losses (DDP,
+    and the gradient all-reduce that run.cuda_graph uses under torchrun)."""
     from bevt.train.finetune import finetune
 
     common = ["optim.max_steps=3", "eval.val_every=0", "model.head_dropout=0.0", "aug.randaugment=true",
@@ -317,9 +319,10 @@ def test_ddp_two_processes_match_one(tiny_finetune, tmp_path):
             return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
     finetune(tiny_finetune(tmp_path / "one", *common))
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
             "-m", "bevt.cli", "finetune"]
-    for ov in tiny_finetune.overrides + common + [f"run.out_dir={tmp_path / 'two'}", "data.batch_size=2"]:
+    for ov in tiny_finetune.overrides + common + [f"run.out_dir={tmp_path / 'two'}", "data.batch_size=2",
+                                                  f"run.data_parallel={data_parallel}"]:
         args += ["--set", ov]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -66,8 +66,10 @@ def test_resume_is_exact(synth_dataset, tokenizer_file, tmp_path):
     assert [a[i] for i in range(1, 13)] == [b[i] for i in range(1, 13)]
 
 
-def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path):
-    """2 gloo processes x 1 clip + 1 image each == 1 process x 2 + 2 (same global batch and masks).
+@pytest.mark.parametrize("data_parallel,port", [("ddp", 29533), ("allreduce", 29534)])
+def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path, data_parallel, port):
+    """2 gloo processes x 1 clip + 1 image each == 1 process x 2 + 2 (same global batch and masks), with
+    DDP and with AllReduceParallel (the gradient all-reduce that run.cuda_graph uses under torchrun).
 
     With every sample masking the same number of tokens (exact counts, full-length tubes), the mean of the
     per-process CE means equals the global mean, so the runs must agree to float rounding. (With the
@@ -77,9 +79,10 @@ def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path):
                      "mask.exact=true", "mask.tube_range=1.0,1.0", "run.device=cpu"]  # gloo, also on a GPU machine
     one = build_config("default", common + [f"run.out_dir={tmp_path / 'one'}"])
     pretrain(one)
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
             "-m", "bevt.cli", "pretrain"]
-    for ov in common + [f"run.out_dir={tmp_path / 'two'}", "data.video_batch=1", "data.image_batch=1"]:
+    for ov in common + [f"run.out_dir={tmp_path / 'two'}", "data.video_batch=1", "data.image_batch=1",
+                        f"run.data_parallel={data_parallel}"]:
         args += ["--set", ov]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
@@ -167,6 +170,26 @@ def test_wrong_resume_fails_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume .*not a checkpoint folder"):
         pretrain(cfg, resume=str(tmp_path / "no_such_checkpoint"))
     assert not (tmp_path / "synth").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_graph_under_torchrun_matches_one_process(synth_dataset, tokenizer_file, tmp_path):
+    """2 NCCL processes, each replaying its step from CUDA graphs with one gradient all-reduce per step
+    (run.data_parallel=auto -> allreduce), against 1 graphed process with the same global batch."""
+    common = TINY + [f"data.root={synth_dataset.root}", f"tokenizer.path={tokenizer_file}", "optim.max_steps=4",
+                     "mask.exact=true", "mask.tube_range=1.0,1.0", "run.device=cuda", "data.decoder=pyav",
+                     "run.cuda_graph=true"]
+    pretrain(build_config("default", common + [f"run.out_dir={tmp_path / 'one'}"]))
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+            "-m", "bevt.cli", "pretrain"]
+    for ov in common + [f"run.out_dir={tmp_path / 'two'}", "data.video_batch=1", "data.image_batch=1"]:
+        args += ["--set", ov]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(b) == 4
+    for i in range(1, 5):  # bf16 kernels on different batch splits; AdamW amplifies rounding differences
+        assert b[i] == pytest.approx(a[i], rel=1e-2, abs=1e-2), (i, a, b)
 
 
 def test_cli_rejects_bad_override(capsys):

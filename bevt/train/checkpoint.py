@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bevt.train.distributed import AllReduceParallel
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
+    """The plain module inside DDP (or AllReduceParallel) and/or torch.compile wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, AllReduceParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

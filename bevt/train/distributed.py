@@ -1,7 +1,9 @@
 """DDP through torchrun: process group set-up (NCCL on GPUs, gloo on CPU), rank helpers, reductions."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -70,3 +72,55 @@ def all_gather_objects(obj, info: DistInfo) -> list:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class AllReduceParallel(torch.nn.Module):
+    """Data parallelism with one explicit gradient all-reduce per optimizer step, instead of DDP's hooks.
+
+    For steps replayed from CUDA graphs (``run.cuda_graph`` under torchrun): DDP all-reduces from hooks that
+    fire inside every backward, which a graph replay does not run. Here the wrapped module's parameters and
+    buffers are broadcast from rank 0 at construction (as DDP does), and the loop calls :meth:`sync_grads`
+    after the last micro-step's backward: the gradients are averaged over the processes, in buckets of about
+    ``bucket_mb`` MiB. The all-reduce does not overlap the backward (a replayed graph could not overlap it
+    anyway). ``no_sync()`` exists so that the loop can treat it like DDP: there is nothing to skip.
+    """
+
+    def __init__(self, module: torch.nn.Module, info: DistInfo, bucket_mb: int = 64):
+        super().__init__()
+        self.module = module
+        self.world_size = info.world_size
+        self.bucket_bytes = bucket_mb * 2 ** 20
+        with torch.no_grad():
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                dist.broadcast(t, src=0)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        yield
+
+    @torch.no_grad()
+    def sync_grads(self) -> None:
+        """Average every trainable parameter's gradient over the processes (a missing one counts as zeros)."""
+        grads = []
+        for p in self.module.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # every process must send the same buckets
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for g in grads + [None]:
+            if bucket and (g is None or g.dtype != bucket[0].dtype or size + g.numel() * g.element_size()
+                           > self.bucket_bytes):
+                flat = torch._utils._flatten_dense_tensors(bucket)
+                dist.all_reduce(flat)
+                flat /= self.world_size
+                for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                    dst.copy_(src)
+                bucket, size = [], 0
+            if g is not None:
+                bucket.append(g)
+                size += g.numel() * g.element_size()

@@ -615,7 +615,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     loaders = {}
     val_loader = None
     try:
-        check_cuda_graph(cfg.run, device, dist)
+        check_cuda_graph(cfg.run, device)
         ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the data work
         ensure_data(cfg, dist)
         d, o = cfg.data, cfg.optim
@@ -663,7 +663,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
         if cfg.ema.enabled:
             ema = ModelEMA(model, momentum=cfg.ema.momentum, warm_up=cfg.ema.warm_up, interval=cfg.ema.interval,
                            updates_per_step=o.accum_steps)
-        train_model = wrap_model(model, dist, device, compile=cfg.run.compile)
+        train_model = wrap_model(model, dist, device, cfg.run)
 
         run_dir = cfg.run.out_dir
         if dist.is_main:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from bevt.train import checkpoint as ckpt
-from bevt.train.distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier
+from bevt.train.distributed import AllReduceParallel, DistInfo, all_gather_objects, all_reduce_mean, barrier
 from bevt.train.logger import RunLogger
 from bevt.train.optim import CosineSchedule
 
@@ -243,6 +243,8 @@ class Trainer:
                     for k, v in n.items():
                         counts[k] = counts.get(k, 0) + v
                     n_micro += 1
+                if isinstance(self.model, AllReduceParallel):  # DDP averaged during the backward already
+                    self.model.sync_grads()
                 if cfg.clip_grad > 0:
                     self.scaler.unscale_(self.optimizer)
                     gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)

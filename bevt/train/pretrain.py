@@ -18,7 +18,7 @@ from bevt.config import ConfigError, PretrainConfig, apply_overrides, save_json,
 from bevt.data.transforms import normalize
 from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, step_masks
 from bevt.train import checkpoint as ckpt
-from bevt.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from bevt.train.distributed import AllReduceParallel, DistInfo, barrier, cleanup, init_distributed
 from bevt.train.logger import format_summary
 from bevt.train.loop import AMP_DTYPES, LoopConfig, StepContext, Trainer, TrainingDiverged, steps_for
 
@@ -282,28 +282,29 @@ def setup_runtime(run, kernels) -> tuple[torch.device, DistInfo, str]:
     return device, dist, amp
 
 
-def check_cuda_graph(run, device: torch.device, dist: DistInfo) -> None:
+def check_cuda_graph(run, device: torch.device) -> None:
     """``run.cuda_graph`` needs what a CUDA graph can replay; say which setting is in the way."""
     if not run.cuda_graph:
         return
     if device.type != "cuda":
         raise ConfigError(f"run.cuda_graph=true needs a CUDA device, this run uses {device.type} "
                           f"(set run.cuda_graph=false)")
-    if dist.enabled:
-        raise ConfigError(f"run.cuda_graph=true runs in one process, this run has {dist.world_size} (DDP hooks its "
-                          f"gradient all-reduce into every backward); set run.cuda_graph=false under torchrun")
 
 
-def wrap_model(model: torch.nn.Module, dist: DistInfo, device: torch.device, *, compile: bool = False):
-    """The module the loop trains: ``model`` with its Swin blocks compiled (``compile``), in DDP when there
-    are several processes. Blocks, not the whole model: see :func:`bevt.models.compile_blocks`."""
-    if compile:
+def wrap_model(model: torch.nn.Module, dist: DistInfo, device: torch.device, run) -> torch.nn.Module:
+    """The module the loop trains: ``model`` with its Swin blocks compiled (``run.compile``), and, when
+    there are several processes, in DDP or :class:`AllReduceParallel` (``run.data_parallel``). Blocks, not
+    the whole model: see :func:`bevt.models.compile_blocks`."""
+    if run.compile:
         from bevt.models import compile_blocks
 
         compile_blocks(model)
     if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        if run.data_parallel == "allreduce" or (run.data_parallel == "auto" and run.cuda_graph):
+            model = AllReduceParallel(model, dist)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
 
@@ -316,7 +317,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     try:
-        check_cuda_graph(cfg.run, device, dist)
+        check_cuda_graph(cfg.run, device)
         ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the dataset and tokenizer work
         ensure_dataset(cfg, dist)
         tokenizer = ensure_tokenizer(cfg, device, dist)
@@ -350,7 +351,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
                                   warmup_steps=int(round(o.warmup_epochs * steps_per_epoch)),
                                   warmup_ratio=o.warmup_ratio, min_lr=o.min_lr, steps_per_epoch=steps_per_epoch,
                                   by_epoch=o.schedule_by_epoch)
-        train_model = wrap_model(model, dist, device, compile=cfg.run.compile)
+        train_model = wrap_model(model, dist, device, cfg.run)
 
         run_dir = cfg.run.out_dir
         if dist.is_main:
