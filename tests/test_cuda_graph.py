@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from bevt.config import ConfigError, RunConfig
 from bevt.train.cuda_graph import GraphedStep
-from bevt.train.pretrain import check_cuda_graph
+from bevt.train.distributed import DistInfo
+from bevt.train.pretrain import check_cuda_graph, speed_hint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -66,6 +67,16 @@ def test_config_check_names_the_setting():
         RunConfig(cuda_graph=True, data_parallel="ddp")
     with pytest.raises(ConfigError, match="run.data_parallel must be"):
         RunConfig(data_parallel="fsdp")
+
+
+def test_speed_hint_on_cuda_only(capsys):
+    gpu, main_rank, other_rank = torch.device("cuda", 0), DistInfo(), DistInfo(rank=1, world_size=2, local_rank=1)
+    assert "run.cuda_graph=true" in speed_hint(RunConfig(), gpu, main_rank)
+    assert "run.cuda_graph=true" in capsys.readouterr().err
+    speed_hint(RunConfig(), gpu, other_rank)  # rank 0 alone says it
+    assert capsys.readouterr().err == ""
+    assert speed_hint(RunConfig(compile=True, cuda_graph=True), gpu, main_rank) is None
+    assert speed_hint(RunConfig(), torch.device("cpu"), main_rank) is None
 
 
 @cuda

@@ -609,7 +609,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import check_cuda_graph, data_path, setup_runtime, wrap_model
+    from bevt.train.pretrain import check_cuda_graph, data_path, setup_runtime, speed_hint, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders = {}
@@ -617,6 +617,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     try:
         check_cuda_graph(cfg.run, device)
         ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the data work
+        speed_hint(cfg.run, device, dist)
         ensure_data(cfg, dist)
         d, o = cfg.data, cfg.optim
         lists = [d.train_list] + ([d.val_list] if cfg.eval.val_every else [])
