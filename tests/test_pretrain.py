@@ -66,6 +66,28 @@ def test_resume_is_exact(synth_dataset, tokenizer_file, tmp_path):
     assert [a[i] for i in range(1, 13)] == [b[i] for i in range(1, 13)]
 
 
+def test_corrupt_checkpoint_is_a_clear_error(synth_dataset, tokenizer_file, tmp_path):
+    from bevt.train.checkpoint import read_model_weights
+
+    s = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "run", "optim.max_steps=2"))
+    good = s["checkpoint"]
+    cut, junk = tmp_path / "cut", tmp_path / "junk"
+    shutil.copytree(good, cut)
+    with open(cut / "model.safetensors", "r+b") as f:  # a copy that stopped half-way
+        f.truncate(500)
+    shutil.copytree(good, junk)
+    (junk / "trainer.pt").write_text("not a checkpoint")
+    again = tiny(synth_dataset, tokenizer_file, tmp_path / "again", "optim.max_steps=3")
+    with pytest.raises(ValueError, match="model.safetensors cannot be read .*truncated or corrupt"):
+        pretrain(again, resume=str(cut))
+    with pytest.raises(ValueError, match="trainer.pt cannot be read .*resume from an earlier one"):
+        pretrain(again, resume=str(junk))
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(ValueError, match="notes.pth cannot be read as a weights-only torch checkpoint"):
+        read_model_weights(str(tmp_path / "notes.pth"))
+    assert sorted(os.listdir(good)) == ["config.json", "model.safetensors", "trainer.pt"]  # the good one is kept
+
+
 @pytest.mark.parametrize("data_parallel,port", [("ddp", 29533), ("allreduce", 29534)])
 def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path, data_parallel, port):
     """2 gloo processes x 1 clip + 1 image each == 1 process x 2 + 2 (same global batch and masks), with

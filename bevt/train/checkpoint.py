@@ -113,7 +113,20 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
 
 
 def load_trainer_state(ckpt_dir: str) -> dict:
-    return torch.load(os.path.join(ckpt_dir, "trainer.pt"), map_location="cpu", weights_only=True)
+    path = os.path.join(ckpt_dir, "trainer.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path} cannot be read ({_reason(e)}): the checkpoint is truncated or corrupt; resume from "
+                         f"an earlier one (the run's checkpoints/step_* folders)") from e
+
+
+def _reason(e: Exception) -> str:
+    """The exception's type and the first line of its message (torch.load's messages run to a page)."""
+    if "Weights only load failed" in str(e):  # torch's boilerplate would suggest weights_only=False
+        return f"{type(e).__name__}: not a torch file of tensors only"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def read_model_weights(path: str) -> dict:
@@ -124,11 +137,15 @@ def read_model_weights(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise ValueError(f"{path} cannot be read ({_reason(e)}): the file is truncated or corrupt") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({e})") from e
+        raise ValueError(f"{path} cannot be read as a weights-only torch checkpoint ({_reason(e)}); bevt reads "
+                         f"bevt checkpoint folders, .safetensors files and .pt/.pth state dicts") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj

@@ -128,13 +128,11 @@ class Trainer:
 
     def resume(self, ckpt_dir: str) -> None:
         """Continue exactly where the checkpoint left off (model, optimizer, scaler, data, RNG)."""
-        from safetensors.torch import load_file
-
         st = ckpt.load_trainer_state(ckpt_dir)
         if st.get("world_size", 1) != self.dist.world_size:
             raise RuntimeError(f"{ckpt_dir} was written by {st.get('world_size')} processes, this run has "
                                f"{self.dist.world_size}: exact resume needs the same number")
-        ckpt.unwrap_model(self.model).load_state_dict(load_file(os.path.join(ckpt_dir, "model.safetensors")))
+        ckpt.unwrap_model(self.model).load_state_dict(ckpt.read_model_weights(ckpt_dir))
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         for k, v in self.loaders.items():
