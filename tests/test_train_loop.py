@@ -180,3 +180,29 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
     with pytest.raises(ConfigError, match=r"local rank 1 .* 1 CUDA GPU\(s\) are visible.*--nproc_per_node.*run.device=cpu"):
         distributed.init_distributed("cuda")
+
+
+def _broadcast_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    from bevt.train.distributed import DistInfo, broadcast_from_rank0
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # as training seeds each process: run.seed + rank
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model[1].running_mean.fill_(rank + 1.0)
+    broadcast_from_rank0(model, DistInfo(rank=rank, world_size=2))
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    tdist.destroy_process_group()
+
+
+def test_broadcast_from_rank0_gives_every_process_rank0s_weights(tmp_path):
+    """What the EMA of fine-tuning and AllReduceParallel start from under torchrun: rank 0's parameters and
+    buffers, not each process's own seeded initialization."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_broadcast_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in r0:
+        torch.testing.assert_close(r1[k], r0[k])
+    assert r0["1.running_mean"].eq(1.0).all()

@@ -74,6 +74,14 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+@torch.no_grad()
+def broadcast_from_rank0(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every process rank 0's parameters and buffers (each process seeds its own initialization)."""
+    if info.enabled:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            dist.broadcast(t, src=0)
+
+
 class AllReduceParallel(torch.nn.Module):
     """Data parallelism with one explicit gradient all-reduce per optimizer step, instead of DDP's hooks.
 
@@ -90,9 +98,7 @@ class AllReduceParallel(torch.nn.Module):
         self.module = module
         self.world_size = info.world_size
         self.bucket_bytes = bucket_mb * 2 ** 20
-        with torch.no_grad():
-            for t in itertools.chain(module.parameters(), module.buffers()):
-                dist.broadcast(t, src=0)
+        broadcast_from_rank0(module, info)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -604,7 +604,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     checkpoint and what loading it did.
     """
     from bevt.data.loader import build_loader
-    from bevt.train.distributed import cleanup
+    from bevt.train.distributed import broadcast_from_rank0, cleanup
     from bevt.train.ema import ModelEMA
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
@@ -662,6 +662,9 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                                   by_epoch=o.schedule_by_epoch)
         ema = None
         if cfg.ema.enabled:
+            # the EMA starts from the weights training starts from: rank 0's on every process (the new head is
+            # initialized per process; DDP would sync the model only when it wraps it, after this copy)
+            broadcast_from_rank0(model, dist)
             ema = ModelEMA(model, momentum=cfg.ema.momentum, warm_up=cfg.ema.warm_up, interval=cfg.ema.interval,
                            updates_per_step=o.accum_steps)
         train_model = wrap_model(model, dist, device, cfg.run)
