@@ -196,8 +196,8 @@ def step_flops(sb: StepBench) -> float:
 KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
     ("attention (Triton)", ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dbias_kernel", "_bwd_dkdv_kernel",
                             "_bwd_window_kernel", "_table_grad_kernel")),
-    ("masked CE (Triton)", ("_prep_kernel", "_logits_kernel", "_ce_rows_kernel", "_grad_kernel", "_final_kernel",
-                            "_scale_kernel")),
+    ("masked CE (Triton)", ("_prep_kernel", "_gather_kernel", "_logits_kernel", "_ce_rows_kernel", "_grad_kernel",
+                            "_final_kernel", "_scale_kernel")),
     ("conv (cuDNN)", ("conv", "cudnn", "implicit_gemm", "xmma_fprop", "dgrad", "wgrad", "fprop", "winograd")),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "splitk")),
     ("layer norm", ("layer_norm", "LayerNorm")),
