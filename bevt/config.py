@@ -198,7 +198,7 @@ class RunConfig:
     cuda_graph: bool = False
     """Replay each micro-step's forward (tokenizer, both streams, losses) and backward from two CUDA graphs
     (``bevt.train.cuda_graph``): removes the host time of launching thousands of kernels, which bounds the
-    fast path on an H100. One process on a CUDA device; fixed batch shapes (another shape runs eagerly);
+    fast path on an H100. A CUDA device; fixed batch shapes (another shape runs eagerly);
     best with ``run.compile=true``. The first step warms up and captures (a few eager steps' time). Under
     torchrun it takes ``run.data_parallel=allreduce`` (what ``auto`` picks)."""
     data_parallel: str = "auto"
