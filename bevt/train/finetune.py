@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from bevt.config import (ConfigError, KernelsConfig, OptimConfig, RunConfig, _check, apply_overrides, from_dict,
                          save_json, to_dict)
 from bevt.data.transforms import normalize
-from bevt.train import checkpoint as ckpt
 from bevt.train.loop import AMP_DTYPES, StepContext
 
 # ----------------------------------------------------------------------------------------------------
@@ -609,15 +608,13 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import check_cuda_graph, data_path, setup_runtime, speed_hint, wrap_model
+    from bevt.train.pretrain import data_path, preflight, setup_runtime, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders = {}
     val_loader = None
     try:
-        check_cuda_graph(cfg.run, device)
-        ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the data work
-        speed_hint(cfg.run, device, dist)
+        preflight(cfg.run, device, dist, resume)
         ensure_data(cfg, dist)
         d, o = cfg.data, cfg.optim
         lists = [d.train_list] + ([d.val_list] if cfg.eval.val_every else [])

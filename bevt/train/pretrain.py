@@ -291,6 +291,14 @@ def check_cuda_graph(run, device: torch.device) -> None:
                           f"(set run.cuda_graph=false)")
 
 
+def preflight(run, device: torch.device, dist: DistInfo, resume: str) -> None:
+    """What a training job checks before any data or tokenizer work: the CUDA-graph setting, the --resume
+    path (a wrong one fails at once), and the speed hint."""
+    check_cuda_graph(run, device)
+    ckpt.resolve_resume(resume, run.out_dir)
+    speed_hint(run, device, dist)
+
+
 def speed_hint(run, device: torch.device, dist: DistInfo) -> str | None:
     """On CUDA with ``run.compile`` or ``run.cuda_graph`` off: the one line (printed by rank 0) that says
     what they buy. They are off by default because compiling costs minutes at the start of a run."""
@@ -330,9 +338,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     try:
-        check_cuda_graph(cfg.run, device)
-        ckpt.resolve_resume(resume, cfg.run.out_dir)  # a wrong --resume fails before the dataset and tokenizer work
-        speed_hint(cfg.run, device, dist)
+        preflight(cfg.run, device, dist, resume)
         ensure_dataset(cfg, dist)
         tokenizer = ensure_tokenizer(cfg, device, dist)
         d, o = cfg.data, cfg.optim
