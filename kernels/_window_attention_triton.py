@@ -7,10 +7,10 @@ bias-gradient tiles.
 Kernels (launched by ``bevt.kernels.window_attention``):
 
 * ``_fwd_kernel``: one program per (query tile, head, window). Online softmax in the exp2 domain over the
-  window's key tiles; the bias is read from the head's expanded (NP, NP) plane (made from the table once per
-  call by the launcher: contiguous rows, -inf in padded columns, shared by all windows); the shift
-  mask (-100, as the official code) is computed from token coordinates. Writes O and the row
-  log-sum-exp (base 2) LSE (BW, NH, N).
+  window's key tiles; the bias is read from an expanded (NP, NP) plane of the head and window type (made
+  from the table once per call by the launcher: contiguous rows, -inf in padded columns, the official -100
+  of the shift mask already added, shared by all windows of a type). Writes O and the row log-sum-exp
+  (base 2) LSE (BW, NH, N).
 * ``_bwd_dq_kernel``: one program per (query tile, head, range of WPP windows). For each window it
   computes delta = rowsum(dO * O) (stored for the next kernels), recomputes P and dS = P * (dP - delta)
   over the key tiles and accumulates dQ in registers.
@@ -38,9 +38,15 @@ lies outside the real (D, H, W) grid it is a padded token: k, v come from KVP (2
 stored for it. Bit 0 clear: q/k/v/o are (BW, NH, N, DH) contiguous windows. ``LAYOUT >= 2``: 64-bit
 element offsets (tensors of 2**31 elements or more), else 32-bit. The kernels do not compute these
 coordinates: the launcher's token table TOK (windows per sample, NP) int32 gives each token's source row
-within its sample (DHW tokens per sample) and its shift-mask region (see ``_rows``).
+within its sample (DHW tokens per sample; see ``_rows``).
 
-Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (NH, NP, NP) and
+Shift mask. Only the last window along a masked axis (mask shift M > 0) mixes regions, and which pairs of
+its tokens the mask separates depends only on their in-window coordinates. So the launcher adds the mask
+to the bias planes, one set of planes per window *type* (which masked axes the window is the last one
+along: 2 ** (masked axes) types), and a window reads the planes of its type (``_win_plane``): no score
+pays a compare and a select (they were a fifth of the instructions of each inner loop).
+
+Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (T, NH, NP, NP) and
 of TOK. Run-time values (shifted and unshifted blocks of a stage share one compiled kernel): the windows
 per axis nWd/nWh/nWw, MD/MH/MW shift of the region mask (0: no mask on that axis), HAS_PAD.
 """
@@ -73,12 +79,26 @@ def _cvt(x, dtype: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _win_masked(wi, nWd, nWh, nWw, MD, MH, MW):
-    """Does window wi (all samples, raster order) carry a region mask? (last window on a masked axis)"""
+def _window(j, NWS, NB):
+    """The j-th window a program loops over -> its index wi (all samples, raster order). Position-major: the
+    j-th is position j // NB of sample j % NB, so consecutive windows of a program's range sit at the same
+    place in different samples and share a window type, hence a bias plane (at stage 3, 4 windows per sample
+    of 4 types: in raster order every window of a range read another plane)."""
+    return (j % NB) * NWS + j // NB
+
+
+@triton.jit
+def _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH: tl.constexpr, NP: tl.constexpr):
+    """This head's (NP, NP) bias plane for window wi (all samples, raster order). The launcher makes one plane
+    per head and window *type*: which of the masked axes (M > 0) the window is the last one along, so the
+    official -100 of the shift mask is already in the plane and no score pays a compare and a select. The
+    type's bits follow the masked axes in (D, H, W) order, the first one most significant."""
     nws = nWd * nWh * nWw
     wl = wi % nws
-    m = ((MD > 0) & (wl // (nWh * nWw) == nWd - 1)) | ((MH > 0) & ((wl // nWw) % nWh == nWh - 1))
-    return m | ((MW > 0) & (wl % nWw == nWw - 1))
+    t = ((MD > 0) & (wl // (nWh * nWw) == nWd - 1)).to(tl.int32)
+    t = tl.where(MH > 0, t * 2 + ((wl // nWw) % nWh == nWh - 1).to(tl.int32), t)
+    t = tl.where(MW > 0, t * 2 + (wl % nWw == nWw - 1).to(tl.int32), t)
+    return TAB + (t * NH + h) * (NP * NP)
 
 
 @triton.jit
@@ -86,17 +106,16 @@ def _rows(n, wi, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.con
           LAYOUT: tl.constexpr):
     """Per-token facts for token indices n (a vector, n < NP; n >= N are tile padding) of window wi, head h.
 
-    Returns (region, real, row_qkv, row_o): the shift-mask region code, whether the token is real (in the
-    window and, in token layout, inside the unpadded grid), and the element offsets of its q/k/v and o rows.
-    The window's coordinates are not computed here: TOK (NWS, NP) int32 holds, per window position within a
-    sample and token, (source token within the sample + 1) * 8 + region (0 + region when not real), made
-    once per geometry by the launcher. One load replaces ~35 integer operations per token and tile.
+    Returns (real, row_qkv, row_o): whether the token is real (in the window and, in token layout, inside the
+    unpadded grid), and the element offsets of its q/k/v and o rows. The window's coordinates are not computed
+    here: TOK (NWS, NP) int32 holds, per window position within a sample and token, the source token within
+    the sample + 1 (0 when not real), made once per geometry by the launcher. One load replaces ~35 integer
+    operations per token and tile.
     """
     b = wi // NWS
     code = tl.load(TOK + (wi - b * NWS) * NP + n)
-    region = code & 7
-    real = code >= 8
-    loc = tl.maximum((code >> 3) - 1, 0)
+    real = code > 0
+    loc = tl.maximum(code - 1, 0)
     if LAYOUT % 2 == 1:
         tok = b * DHW + loc
         if LAYOUT >= 2:
@@ -109,7 +128,7 @@ def _rows(n, wi, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.con
             wh = wh.to(tl.int64)
         row_qkv = (wh * N + loc) * DH
         row_o = row_qkv
-    return region, real, row_qkv, row_o
+    return real, row_qkv, row_o
 
 
 @triton.jit
@@ -135,47 +154,30 @@ def _bias_tile(bias_h, rows, c0, BC: tl.constexpr, NP: tl.constexpr):
     return tl.load(bias_h + rows[:, None] * NP + cols[None, :]).to(tl.float32)
 
 
-@triton.jit
-def _bias_tiles(bias_h, rows, BC: tl.constexpr, NCF: tl.constexpr, BCT: tl.constexpr, NP: tl.constexpr):
-    """The bias tiles of fixed rows against every column tile (NCF full tiles of BC, then a tail of BCT
-    if BCT > 0), as a tuple: loaded once per program and reused for all its windows."""
-    tiles = ()
-    for ct in tl.static_range(NCF):
-        tiles = tiles + (_bias_tile(bias_h, rows, ct * BC, BC, NP),)
-    if BCT > 0:
-        tiles = tiles + (_bias_tile(bias_h, rows, NCF * BC, BCT, NP),)
-    return tiles
-
-
 # runtime scalars that must not be specialized (one compiled kernel per window geometry, not per value)
-_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "MD", "MH", "MW", "HAS_PAD", "zero"]
+_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "MH", "MW", "HAS_PAD", "zero"]
 
 
 @triton.jit
-def _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
-                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr):
+def _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr,
+                N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr):
     """Scores of query rows q against key tokens nk of window wi, in the exp2 domain (q.k * scale * log2 e
-    + the bias tile, whose planes are pre-scaled by log2 e), with the shift mask from region codes in the
-    windows that have one; also returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
-    N: tl.constexpr = WD * WH * WW
+    + the bias tile, whose planes are pre-scaled by log2 e and hold the window type's shift mask); also
+    returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
     dcol = tl.arange(0, DH)
-    reg_k, real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
+    real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
     k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
-    if masked:
-        s = tl.where(reg_q[:, None] != reg_k[None, :], s + MASK2, s)
     return s, k, v
 
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
-               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-               HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, TOK, DHW,
-                          nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
+def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
+               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD,
+               IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
+                          NP, LAYOUT, HAS_PAD, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -185,79 +187,62 @@ def _fwd_kstep(q, reg_q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, masked, qk_s
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, zero,
-              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              NP: tl.constexpr,
-              MD, MH, MW, LAYOUT: tl.constexpr,
-              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
+def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
+              NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
+              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+              NKF: tl.constexpr, BNT: tl.constexpr):
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
-    bias_h = TAB + h * (NP * NP)
-    # 1. HOIST: the bias of this query tile against every key tile, gathered once for all WPP windows
-    if HOIST:
-        bias = _bias_tiles(bias_h, nq, BN, NKF, BNT, NP)
+    NWS = nWd * nWh * nWw
     for wl in range(WPP):
-        wi = r * WPP + wl
-        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
+        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-        masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
+        bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DH), tl.float32)
-        # 2. online softmax over the key tiles (exp2 domain)
-        if HOIST:
-            for kt in tl.static_range(NKF):
-                m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[kt], m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
-                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
-            if BNT > 0:
-                m_i, l_i, acc = _fwd_kstep(q, reg_q, bias[NKF], m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
-                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
-        else:
-            a_qw = nq + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
-            for kt in range(NKF):
-                b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
-                m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, masked,
-                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BN)
-            if BNT > 0:
-                b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
-                m_i, l_i, acc = _fwd_kstep(q, reg_q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, masked,
-                                           qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, BNT)
+        # online softmax over the key tiles (exp2 domain)
+        a_qw = nq + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop
+        for kt in range(NKF):
+            b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
+            m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, qk_scale, TOK, DHW, NWS, NH,
+                                       DH, N, NP, LAYOUT, HAS_PAD, IEEE, BN)
+        if BNT > 0:
+            b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
+            m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS, NH,
+                                       DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
         o = acc / l_i[:, None]
         tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
         tl.store(LSE + (wi * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, qk_scale, zero,
+def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr,
-                MD, MH, MW, LAYOUT: tl.constexpr,
-                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
+                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
                 BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                 BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     qt = pid % NQT
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD, WH,
-                  WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BM, BN, NKF, BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, N, NP,
+                  MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, zero, NH, DH, WD,
-                  WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, HOIST, BMT, BN, NKF,
-                  BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, N, NP,
+                  MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dQ and delta
 @triton.jit
-def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
-              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-              HAS_PAD, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, masked, qk_scale, TOK, DHW,
-                          nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE)
+def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
+              DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
+                          NP, LAYOUT, HAS_PAD, IEEE)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])  # dL/d(score), natural units
@@ -265,19 +250,17 @@ def _dq_kstep(q, do, lse, delta, reg_q, bias, dq, K, V, KVP, k0, wi, h, masked, 
 
 
 @triton.jit
-def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale, zero,
-             NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-             BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
+def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
+             NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
+             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+             NKF: tl.constexpr, BNT: tl.constexpr):
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
-    bias_h = TAB + h * (NP * NP)
+    NWS = nWd * nWh * nWw
     for wl in range(WPP):
-        wi = r * WPP + wl
-        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
-        masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
+        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+        bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)
         # 1. delta = rowsum(dO * O) for this query tile, kept for the bias-gradient and dK/dV kernels
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
@@ -291,63 +274,60 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, 
         dq = tl.zeros((BLOCK_M, DH), tl.float32)
         for kt in range(NKF):
             b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
-            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, kt * BN, wi, h, masked, qk_scale, TOK, DHW,
-                           nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD,
-                           IEEE, BN)
+            dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, kt * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
+                           NP, LAYOUT, HAS_PAD, IEEE, BN)
         if BNT > 0:
             b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
-            dq = _dq_kstep(q, do, lse, delta, reg_q, b, dq, K, V, KVP, NKF * BN, wi, h, masked, qk_scale, TOK, DHW,
-                           nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD,
-                           IEEE, BNT)
+            dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
+                           NP, LAYOUT, HAS_PAD, IEEE, BNT)
         tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
                  mask=real_q[:, None])
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale, zero,
+def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+                   NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
                    BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                    BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     qt = pid % NQT
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale,
-                 zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+                 sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale,
-                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+                 sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: bias-gradient partials
 @triton.jit
-def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale,
-                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
+                NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
+                LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr,
+                NKP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
     the bias gradient is reduced over windows before anything is written (one plane per range, no atomics)."""
-    N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     nk = k0 + tl.arange(0, BLOCK_N)
-    bias = _bias_tile(TAB + h * (NP * NP), nq, k0, BLOCK_N, NP)  # window-invariant: loaded once
+    NWS = nWd * nWh * nWw
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for wl in range(WPP):
-        wi = r * WPP + wl
-        reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
+        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         lrow = (wi * NH + h).to(tl.int64) * N + nq
         lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))  # padded query rows: p = 0
         delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
-        s, k, v = _key_scores(q, reg_q, bias, K, V, KVP, nk, wi, h, _win_masked(wi, nWd, nWh, nWw, MD, MH, MW),
-                              qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
-                              HAS_PAD, IEEE)
+        # the window type's plane: the tile is reloaded per window (L1 / L2 hits; windows of one type share it)
+        bias = _bias_tile(_win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP), nq + wl * zero, k0, BLOCK_N, NP)
+        s, k, v = _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT, HAS_PAD,
+                              IEEE)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         acc += p * (dp - delta[:, None])
@@ -356,12 +336,13 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, 
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, qk_scale, zero,
+def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-                HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
+                      NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+                      WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                       BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                       BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     qt = pid % NQT
     kt = (pid // NQT) % NKT
@@ -369,30 +350,28 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh
     r = pid // (NQT * NKT * NH)
     if qt < NQF:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
     elif BMT > 0:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
-                        qk_scale, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
-def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, qk_scale, TOK, DHW, nWd, nWh, nWw,
-              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
+def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
+              DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr):
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
-    reg_q, real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
+    real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
     q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     lrow = (wi * NH + h).to(tl.int64) * N + nq
@@ -400,8 +379,6 @@ def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, q
     delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
     # transposed scores: rows = keys, columns = queries (padded query columns are -inf in the bias)
     st = _dot(k, tl.trans(q), IEEE) * qk_scale + bias
-    if masked:
-        st = tl.where(reg_k[:, None] != reg_q[None, :], st + MASK2, st)
     pt = tl.math.exp2(st - lse[None, :])
     dv += _dot(_cvt(pt, do.dtype, IEEE), do, IEEE)
     dpt = _dot(v, tl.trans(do), IEEE)
@@ -411,56 +388,37 @@ def _kv_qstep(k, v, reg_k, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, masked, q
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, qk_scale,
-               sm_scale, zero,
-               NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               NP: tl.constexpr,
-               MD, MH, MW, LAYOUT: tl.constexpr,
-               HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr, NKT: tl.constexpr,
+def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+               sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
+               LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NKT: tl.constexpr,
                BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, BLOCK_N: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nk = k0 + tl.arange(0, BLOCK_N)
-    bias_h = TAB + h * (NP * NP)
-    # 1. HOIST: transposed bias tiles (rows = these keys, columns = every query tile), gathered once
-    if HOIST:
-        bias = _bias_tiles(bias_h, nk, BM, NQF, BMT, NP)
+    NWS = nWd * nWh * nWw
     dkp = tl.zeros((DH,), tl.float32)
     dvp = tl.zeros((DH,), tl.float32)
     for wl in range(WPP):
-        wi = r * WPP + wl
-        reg_k, real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, WD * WH * WW, NP, LAYOUT)
+        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
-        masked = _win_masked(wi, nWd, nWh, nWw, MD, MH, MW)
+        bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)  # transposed planes: rows = keys
         dk = tl.zeros((BLOCK_N, DH), tl.float32)
         dv = tl.zeros((BLOCK_N, DH), tl.float32)
-        # 2. every query tile of the window: dK, dV in registers
-        if HOIST:
-            for qt in tl.static_range(NQF):
-                dk, dv = _kv_qstep(k, v, reg_k, bias[qt], dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
-                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
-                                   MW, LAYOUT, IEEE, BM)
-            if BMT > 0:
-                dk, dv = _kv_qstep(k, v, reg_k, bias[NQF], dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
-                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
-                                   MW, LAYOUT, IEEE, BMT)
-        else:
-            a_kw = nk + wl * zero  # opaque to the compiler: the gathers stay inside the window loop
-            for qt in range(NQF):
-                b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
-                dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, masked,
-                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
-                                   MW, LAYOUT, IEEE, BM)
-            if BMT > 0:
-                b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
-                dk, dv = _kv_qstep(k, v, reg_k, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, masked,
-                                   qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH,
-                                   MW, LAYOUT, IEEE, BMT)
+        # every query tile of the window: dK, dV in registers
+        a_kw = nk + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop
+        for qt in range(NQF):
+            b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
+            dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
+                               NP, LAYOUT, IEEE, BM)
+        if BMT > 0:
+            b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
+            dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, qk_scale, TOK, DHW, NWS, NH, DH,
+                               N, NP, LAYOUT, IEEE, BMT)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
         tl.store(DV + row_k[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=real_k[:, None])
         if HAS_PAD:
-            # 3. padded tokens' k, v are kv_pad: their gradients are summed into this program's partial
+            # padded tokens' k, v are kv_pad: their gradients are summed into this program's partial
             pad = ((nk < N) & (real_k == 0))[:, None]
             dkp += tl.sum(tl.where(pad, dk, 0.0), 0)
             dvp += tl.sum(tl.where(pad, dv, 0.0), 0)
@@ -471,31 +429,29 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, qk_scale, sm_scale,
-                     zero,
-                     NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                     NP: tl.constexpr,
-                     MD, MH, MW, LAYOUT: tl.constexpr,
-                     HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, HOIST: tl.constexpr,
-                     BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
+                     zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                     NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+                     WPP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
                      BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     kt = pid % NKT
     h = (pid // NKT) % NH
     r = pid // (NKT * NH)
     if kt < NKF:
-        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
-                   HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BN)
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                   qk_scale, sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NKT, BM, NQF, BMT,
+                   BN)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
-                   HAS_PAD, IEEE, WPP, HOIST, NKT, BM, NQF, BMT, BNT)
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                   qk_scale, sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NKT, BM, NQF, BMT,
+                   BNT)
 
 
 # ----------------------------------------------------------------------------- backward: one-tile windows
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, qk_scale,
+def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
                        sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
                        WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
                        HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BT: tl.constexpr):
@@ -509,12 +465,13 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
     r = pid // NH
     dcol = tl.arange(0, DH)
     n = tl.arange(0, BT)  # the window's tokens, as queries (rows) and as keys (columns)
+    NWS = nWd * nWh * nWw
     dbacc = tl.zeros((BT, BT), tl.float32)
     dkp = tl.zeros((DH,), tl.float32)
     dvp = tl.zeros((DH,), tl.float32)
     for wl in range(WPP):
-        wi = r * WPP + wl
-        reg, real, row, row_o = _rows(n, wi, h, TOK, DHW, nWd * nWh * nWw, NH, DH, N, NP, LAYOUT)
+        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        real, row, row_o = _rows(n, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         o = tl.load(O + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
@@ -522,10 +479,9 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
         lse = tl.load(LSE + (wi * NH + h).to(tl.int64) * N + n, mask=n < N, other=float("inf"))  # padded rows: p = 0
         # opaque to the compiler: the bias tile is reloaded per window (an L1 hit) instead of held in 32 more
         # registers across the loop (hoisted, the kernel spilled more)
-        bias = _bias_tile(TAB + h * (NP * NP), n + wl * zero, 0, BT, NP)
-        s, k, v = _key_scores(q, reg, bias, K, V, KVP, n, wi, h, _win_masked(wi, nWd, nWh, nWw, MD, MH, MW),
-                              qk_scale, TOK, DHW, nWd, nWh, nWw, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT,
-                              HAS_PAD, IEEE)
+        bias = _bias_tile(_win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP), n + wl * zero, 0, BT, NP)
+        s, k, v = _key_scores(q, bias, K, V, KVP, n, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT, HAS_PAD,
+                              IEEE)
         p = tl.math.exp2(s - lse[:, None])
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])  # dL/d(score), natural units
         dbacc += ds
@@ -551,18 +507,27 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
 
 # ----------------------------------------------------------------------------- bias planes from the table
 @triton.jit
-def _expand_bias_kernel(TAB, IDX, OUT, NH: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[t, h, i, :] = TAB[IDX[t, i, :], h] * log2(e) in OUT's dtype; IDX -1: -inf (padded column),
-    -2: 0 (padded row). One program per (row i, head h, plane t: 0 = bias(i, j), 1 = transposed)."""
-    i = tl.program_id(0)
+def _expand_bias_kernel(TAB, IDX, MSK, OUT, NH: tl.constexpr, NP: tl.constexpr, T: tl.constexpr,
+                        RB: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[p, t, h, i, :] = TAB[IDX[p, i, :], h] * log2(e), plus the official -100 (x log2 e) where MSK[t, i, :]
+    is set (window type t's shift mask), in OUT's dtype; IDX -1: -inf (padded column), -2: 0 (padded row).
+    One program per (block of RB rows i, head h, plane p); p = 0: bias(i, j), p = 1: transposed (the mask is
+    symmetric). The index rows and the table gather are shared by the T types' planes (the writes, T planes
+    per head, are what the launch costs)."""
+    rows = tl.program_id(0) * RB + tl.arange(0, RB)
     h = tl.program_id(1)
-    t = tl.program_id(2)
+    p = tl.program_id(2)
     cols = tl.arange(0, BLOCK)
-    live = cols < NP
-    idx = tl.load(IDX + (t * NP + i) * NP + cols, mask=live, other=-2)
+    live = (rows[:, None] < NP) & (cols[None, :] < NP)
+    off = rows[:, None] * NP + cols[None, :]
+    idx = tl.load(IDX + p * (NP * NP) + off, mask=live, other=-2)
     val = tl.load(TAB + idx * NH + h, mask=live & (idx >= 0), other=0.0).to(tl.float32) * LOG2E_K
     val = tl.where(idx == -1, float("-inf"), val)
-    tl.store(OUT + ((t * NH + h) * NP + i).to(tl.int64) * NP + cols, val.to(OUT.dtype.element_ty), mask=live)
+    for t in tl.static_range(T):
+        msk = tl.load(MSK + t * (NP * NP) + off, mask=live, other=0)
+        out = tl.where(msk != 0, val + MASK2, val)
+        base = ((p * T + t) * NH + h).to(tl.int64) * (NP * NP)
+        tl.store(OUT + base + off, out.to(OUT.dtype.element_ty), mask=live)
 
 
 # ----------------------------------------------------------------------------- bias-table gradient gather

@@ -39,7 +39,6 @@ class Config:
     fwd_bn: int = 64
     fwd_warps: int = 4
     fwd_stages: int = 2
-    fwd_hoist: bool = False  # load the window-invariant bias tiles once per program (registers)
     dq_bm: int = 64
     dq_bn: int = 64
     dq_warps: int = 4
@@ -52,7 +51,6 @@ class Config:
     kv_bn: int = 64
     kv_warps: int = 4
     kv_stages: int = 2
-    kv_hoist: bool = False
     fwd_programs: int = 1024  # target programs per kernel: sets the windows each program loops over
     dq_programs: int = 1024
     db_programs: int = 2048  # (the bias-gradient kernel's ranges also set how many partials exist)
@@ -145,9 +143,9 @@ class _Geo:
         return dict(MD=self.ms[0], MH=self.ms[1], MW=self.ms[2])
 
     def runtime(self, tokens: bool, np_: int, device: torch.device) -> tuple:
-        """The geometry arguments every kernel takes: token table, tokens per sample, windows per axis."""
-        return (_token_table(self.ws, self.ss, self.ms, self.grid, self.nwin, tokens, np_, str(device)),
-                math.prod(self.grid), *self.nwin)
+        """The geometry arguments every kernel takes: token table, tokens per sample, windows per axis, samples."""
+        return (_token_table(self.ws, self.ss, self.grid, self.nwin, tokens, np_, str(device)),
+                math.prod(self.grid), *self.nwin, self.bw // math.prod(self.nwin))
 
 
 def _padded_extent(n: int, cfg: Config) -> int:
@@ -160,16 +158,15 @@ def _padded_extent(n: int, cfg: Config) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _token_table(ws: tuple, ss: tuple, ms: tuple, grid: tuple, nwin: tuple, tokens: bool, np_: int,
+def _token_table(ws: tuple, ss: tuple, grid: tuple, nwin: tuple, tokens: bool, np_: int,
                  device_str: str) -> torch.Tensor:
-    """(windows per sample, NP) int32: for token n of the window at raster position w within a sample,
-    (source row + 1) * 8 + region, or just the region when the token is not real.
+    """(windows per sample, NP) int32: for token n of the window at raster position w within a sample, its
+    source row + 1, or 0 when the token is not real.
 
     Source row: token layout, the token's index within its sample's (D, H, W) grid after the roll (window
     origin + n, shifted, wrapped over the padded grid); it is not real when it falls in the padding.
-    Windowed layout, n itself. Region: the official shift-mask label (bit 2: depth, 1: height, 0: width):
-    set when the token lies in the last ``mask shift`` positions of the last window along that axis.
-    Columns n >= N (tile padding) are 0. The kernels read this instead of recomputing the coordinates.
+    Windowed layout, n itself. Columns n >= N (tile padding) are 0. The kernels read this instead of
+    recomputing the coordinates.
     """
     (wd, wh, ww), (nwd, nwh, nww), (D, H, W) = ws, nwin, grid
     N = wd * wh * ww
@@ -178,8 +175,6 @@ def _token_table(ws: tuple, ss: tuple, ms: tuple, grid: tuple, nwin: tuple, toke
     td, th, tw = nc // (wh * ww), (nc // ww) % wh, nc % ww
     w = torch.arange(nwd * nwh * nww)[:, None]
     wdi, whi, wwi = w // (nwh * nww), (w // nww) % nwh, w % nww
-    region = (((td >= wd - ms[0]) & (wdi == nwd - 1)).int() * 4 + ((th >= wh - ms[1]) & (whi == nwh - 1)).int() * 2
-              + ((tw >= ww - ms[2]) & (wwi == nww - 1)).int())
     inwin = (n < N)[None, :]
     if tokens:
         od = (wdi * wd + td + ss[0]) % (nwd * wd)
@@ -190,10 +185,34 @@ def _token_table(ws: tuple, ss: tuple, ms: tuple, grid: tuple, nwin: tuple, toke
     else:
         real = inwin.expand(w.shape[0], -1)
         src = nc.expand(w.shape[0], -1)
-    code = torch.where(real, (src + 1) * 8, 0) + torch.where(inwin, region, 0)
+    code = torch.where(real, src + 1, 0)
     if code.max() >= 2 ** 31:
         raise ValueError(f"window attention (triton): a sample of {D}x{H}x{W} tokens is too large for the token table")
     return code.to(torch.int32).to(device_str)
+
+
+@functools.lru_cache(maxsize=64)
+def _type_masks(ws: tuple, ms: tuple, np_: int, device_str: str) -> torch.Tensor:
+    """(T, NP, NP) uint8: 1 where window type t's shift mask separates tokens i and j (both real).
+
+    Types: which of the masked axes (mask shift > 0) a window is the last one along, bits in (D, H, W) order
+    with the first masked axis most significant (as ``_win_plane`` computes them); T = 2 ** (masked axes).
+    In the last window along axis a, a token is in the official (-s:) slice when its in-window coordinate
+    is >= w - s, else in the (-w:-s) slice; other windows lie in one slice along a."""
+    (wd, wh, ww) = ws
+    N = wd * wh * ww
+    n = torch.arange(N)
+    coords = (n // (wh * ww), (n // ww) % wh, n % ww)
+    axes = [a for a in range(3) if ms[a] > 0]
+    out = torch.zeros(2 ** len(axes), np_, np_, dtype=torch.uint8)
+    for t in range(2 ** len(axes)):
+        sep = torch.zeros(N, N, dtype=torch.bool)
+        for k, a in enumerate(axes):
+            if (t >> (len(axes) - 1 - k)) & 1:
+                side = coords[a] >= ws[a] - ms[a]
+                sep |= side[:, None] != side[None, :]
+        out[t, :N, :N] = sep.to(torch.uint8)
+    return out.to(device_str)
 
 
 @functools.lru_cache(maxsize=64)
@@ -213,21 +232,25 @@ def _plane_index(ws: tuple, ts: tuple, np_: int, device_str: str) -> torch.Tenso
 
 def _expand_bias(bias_table: torch.Tensor, geo: "_Geo", np_: int, dtype: torch.dtype,
                  both: bool = False) -> torch.Tensor:
-    """(L, nh) table -> (nh, NP, NP) bias planes in the exp2 domain (x log2 e), padded columns -inf; with
-    ``both``, (2, nh, NP, NP): the planes and the transposed planes (plane[j, i] = bias(i, j), for the
-    dK/dV kernel whose tiles have keys as rows). One launch.
+    """(L, nh) table -> (T, nh, NP, NP) bias planes in the exp2 domain (x log2 e), one set per window type
+    with its shift mask (-100 x log2 e) added, padded columns -inf; with ``both``, (2, T, nh, NP, NP): the
+    planes and the transposed planes (plane[j, i] = bias(i, j), for the dK/dV kernel whose tiles have keys
+    as rows). One launch.
 
     Why expand: every score needs its bias; a gather from the table per score costs one scattered load per
     element, while a plane row is contiguous (vector loads) and the planes of all heads (a few MB) stay in
-    L2 for every window. fp16 for half-precision inputs (3 more mantissa bits than bf16; the values are
-    small), fp32 for fp32 inputs.
+    L2 for every window. Why per type: the mask then costs nothing per score. fp16 for half-precision
+    inputs (3 more mantissa bits than bf16; the values are small), fp32 for fp32 inputs.
     """
     dev = bias_table.device
     planes = 2 if both else 1
-    out = torch.empty((planes, geo.nh, np_, np_), device=dev, dtype=dtype)
-    _launcher(_k._expand_bias_kernel)((np_, geo.nh, planes), dev, bias_table.detach().contiguous(),
-                                      _plane_index(geo.ws, geo.ts, np_, str(dev)), out, NH=geo.nh, NP=np_,
-                                      BLOCK=triton_next_pow2(np_), num_warps=4)
+    masks = _type_masks(geo.ws, geo.ms, np_, str(dev))
+    types = masks.shape[0]
+    out = torch.empty((planes, types, geo.nh, np_, np_), device=dev, dtype=dtype)
+    rb = 4
+    _launcher(_k._expand_bias_kernel)((triton_cdiv(np_, rb), geo.nh, planes), dev, bias_table.detach().contiguous(),
+                                      _plane_index(geo.ws, geo.ts, np_, str(dev)), masks, out, NH=geo.nh, NP=np_,
+                                      T=types, RB=rb, BLOCK=triton_next_pow2(np_), num_warps=4)
     return out if both else out[0]
 
 
@@ -298,7 +321,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nqt = nqf + (1 if bmt else 0)
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.fwd_programs)
     specs["fwd"] = LaunchSpec(_k._fwd_kernel, (geo.bw // wpp * geo.nh * nqt,),
-                              dict(common, WPP=wpp, HOIST=cfg.fwd_hoist, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
+                              dict(common, WPP=wpp, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
                                    BN=cfg.fwd_bn, NKF=nkf, BNT=bnt), cfg.fwd_warps, cfg.fwd_stages, {})
     if cfg.one_tile_backward and geo.n <= min(cfg.dq_bm, cfg.dq_bn):
         # one (BT, BT) tile holds the window: one backward kernel, one bias-gradient plane per range and head
@@ -335,7 +358,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nkt = nkf + (1 if bnt else 0)
     wpp = _windows_per_program(geo.bw, nkt * geo.nh, cfg.kv_programs)
     specs["dkdv"] = LaunchSpec(_k._bwd_dkdv_kernel, (geo.bw // wpp * geo.nh * nkt,),
-                               dict(common, WPP=wpp, HOIST=cfg.kv_hoist, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
+                               dict(common, WPP=wpp, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
                                     NKF=nkf, BNT=bnt, NKT=nkt), cfg.kv_warps, cfg.kv_stages,
                                dict(ranges=geo.bw // wpp, nkt=nkt))
     return _capped(specs, cfg)
