@@ -2,11 +2,13 @@
 
 Providers: ``ref`` (gather the masked rows, then linear + F.cross_entropy: bevt.ops.masked_ce_ref),
 ``official`` (the official code's way: the head on every token, then index the masked ones), ``triton``
-(bevt's fused kernel). Modes: ``fwd`` (no gradient needed) and ``fwd_bwd`` (loss.backward() for hidden,
-weight and bias). Each provider's loss, accuracy and gradients are checked against an fp32 reference
+(bevt's fused kernel, with no bound on the masked count: it launches for every token's worth of rows),
+``triton_bound`` (the same with ``max_masked`` = the BEVT step's bound for these masks: at most 1568 target
+tokens per clip, 98 cells x 8 slots x 2, i.e. 12544 rows for 8 clips). Modes: ``fwd`` (no gradient needed)
+and ``fwd_bwd`` (loss.backward() for hidden, weight and bias). Each provider's loss, accuracy and gradients are checked against an fp32 reference
 before it is timed. Recorded: ``event_ms`` (median of CUDA events around one eager call, synchronized
 each time: bounded below by the host's launch time), ``graph_ms`` (replays of a CUDA graph of 20 calls, per
-call: the GPU time; only for providers without a host sync, i.e. triton: the references index with a
+call: the GPU time; only for providers without a host sync, i.e. the triton ones: the references index with a
 boolean mask), ``ms`` the headline (graph_ms where there is one, else event_ms), TFLOP/s of the products at
 ``ms``, the floor at 778 TFLOP/s, peak memory above the inputs, and the same minus the gradient tensors every
 provider must return (``work_mib``: the temporaries).
@@ -26,10 +28,17 @@ except ImportError:  # benchmarks/ itself on sys.path (pytest's default import o
     from timing import cuda_time_ms, graph_time_ms, peak_extra_mib
     from shapes import CE_SHAPE
 
-PROVIDERS = ("ref", "official", "triton")
+PROVIDERS = ("ref", "official", "triton", "triton_bound")
 MODES = ("fwd", "fwd_bwd")
 MATMUL_TFLOPS = 778.0  # measured bf16 ceiling of the reference H100 (PERFORMANCE.md)
 BATCH = 8
+
+
+def _bevt_bound_per_clip() -> int:
+    """The per-clip bound the BEVT step passes for its default masks (1568)."""
+    from bevt.ops import BlockMaskSpec, TubeSpec
+
+    return TubeSpec().max_masked_target(BlockMaskSpec())
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +76,8 @@ def _call(provider):
         return masked_ce_ref
     if provider == "official":
         return _official
+    if provider == "triton_bound":
+        return functools.partial(masked_ce, backend="triton", max_masked=BATCH * _bevt_bound_per_clip())
     return functools.partial(masked_ce, backend="triton")
 
 
@@ -133,7 +144,7 @@ def test_masked_ce(provider, mode, record):
     h.grad = w.grad = b.grad = None  # the baseline holds no gradients: the peak then includes the new ones
     mib = peak_extra_mib(step)
     h.grad = w.grad = b.grad = None
-    graph_ms = graph_time_ms(step) if provider == "triton" else None
+    graph_ms = graph_time_ms(step) if provider.startswith("triton") else None
     h.grad = w.grad = b.grad = None
     ms = graph_ms if graph_ms is not None else event_ms
     grads_mib = (h.numel() * h.element_size() + w.numel() * 4 + b.numel() * 4) / 2 ** 20 if mode == "fwd_bwd" else 0.0

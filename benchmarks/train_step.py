@@ -40,7 +40,7 @@ from bevt.ops import BlockMaskSpec, TubeSpec, step_masks, use_backend
 from bevt.tokenizers import DalleEncoder, DalleTokenizer
 from bevt.train.cuda_graph import GraphedStep
 from bevt.train.optim import build_optimizer, param_groups
-from bevt.train.pretrain import PretrainForward
+from bevt.train.pretrain import PretrainForward, mask_bounds
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, datasheet (the measured matmul ceiling is ~780)
 
@@ -151,7 +151,7 @@ def build(path: str, clips: int, images: int, *, model_name: str = "videoswin_ba
                           lr=5e-4, device_type="cuda")
     # reference: fp16 convs as DALL-E's own code; fast: the same, compiled (fused element-wise work)
     tok = DalleTokenizer(DalleEncoder(), compile=compiled).to(dev).to(memory_format=torch.channels_last)
-    forward = PretrainForward(model, tok, BlockMaskSpec().grid)
+    forward = PretrainForward(model, tok, BlockMaskSpec().grid, mask_bounds(BlockMaskSpec(), TubeSpec()))
     step_fn = GraphedStep(forward, amp_dtype=torch.bfloat16) if graphs else forward
     g = torch.Generator(device=dev).manual_seed(seed)
     s = size // 2

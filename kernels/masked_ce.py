@@ -7,8 +7,10 @@ Design (docs/kernels/masked_ce.md has the measurements and the reasoning):
 
 * No host sync. ``csum_N = cumsum(mask)`` stays on the device; M = csum_N[-1]. A prep kernel writes the
   compact list of masked token ids ``idx_M`` and a chunk table (first row, row count) for the chunks the
-  host will launch. The host launches ``ceil(N / C_max)`` chunks; chunks past M find a row count of 0 in
-  the table and return at once.
+  host will launch. The host launches ``ceil(N / C_max)`` chunks, or ``ceil(max_rows / C_max)`` when the
+  caller bounds the masked count (the BEVT masks have a known bound: half the chunks of the video stream's
+  worst case); chunks past M find a row count of 0 in the table and return at once, but each still costs
+  four launches (~14 us on an H100). More masked rows than the bound give NaN outputs (no sync to check).
 * Three GEMMs, one bounded logits chunk. Per chunk of C masked rows (four launches):
     1. ``_gather_kernel``: the chunk's hidden rows H[idx] copied into a compact buffer H_chunk (the logits'
        A operand, read through a tensor descriptor, and the dW tiles' B operand).
@@ -409,28 +411,31 @@ def _grad_kernel(lg_ptr, stride_l, lg_desc, lgt_desc, w_ptr, stride_w, wt_desc, 
                              dw_ptr, stride_dw, db_ptr, V, D, False, USE_TMA, DOT_PREC, UPCAST, BM, BN, BK, EPI)
 
 
-def _final_kernel(csum_ptr, loss_rows_ptr, hit_rows_ptr, loss_ptr, acc_ptr, hmul_ptr, N,
+def _final_kernel(csum_ptr, loss_rows_ptr, hit_rows_ptr, loss_ptr, acc_ptr, hmul_ptr, N, cap,
                   H_BY_M: tl.constexpr, BLOCK: tl.constexpr):
     """One program: loss = sum(loss_rows[:M]) / max(M, 1), acc = sum(hits[:M]) / max(M, 1), in a fixed order.
 
     hmul_ptr: fp32 scalar out, the factor the backward still owes the hidden gradient (1 when the dH tiles
-    already applied 1/M, else 1/max(M, 1)).
+    already applied 1/M, else 1/max(M, 1)). cap: the rows the host launched chunks for (the caller's bound);
+    when M exceeds it, rows were left out: loss, accuracy and hmul are NaN (the hidden gradient too, then).
     """
     m_tot = tl.load(csum_ptr + N - 1)
+    m_run = tl.minimum(m_tot, cap)
     offs = tl.arange(0, BLOCK)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     h = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(0, m_tot, BLOCK):
-        ok = start + offs < m_tot
+    for start in range(0, m_run, BLOCK):
+        ok = start + offs < m_run
         s += tl.load(loss_rows_ptr + start + offs, mask=ok, other=0.0)
         h += tl.load(hit_rows_ptr + start + offs, mask=ok, other=0)
     inv = 1.0 / tl.maximum(m_tot, 1).to(tl.float32)
-    tl.store(loss_ptr, tl.sum(s, axis=0) * inv)
-    tl.store(acc_ptr, tl.sum(h, axis=0).to(tl.float32) * inv)
+    bad = tl.where(m_tot > cap, float("nan"), 0.0)  # NaN + x: the overflow poisons every output it reaches
+    tl.store(loss_ptr, tl.sum(s, axis=0) * inv + bad)
+    tl.store(acc_ptr, tl.sum(h, axis=0).to(tl.float32) * inv + bad)
     if H_BY_M:
-        tl.store(hmul_ptr, 1.0)
+        tl.store(hmul_ptr, 1.0 + bad)
     else:
-        tl.store(hmul_ptr, inv)
+        tl.store(hmul_ptr, inv + bad)
 
 
 def _scale_kernel(g_ptr, hmul_ptr, dh_ptr, stride_dh, mask_ptr, N, D, dw_ptr, n_dw, db_ptr, n_db, n_dh_progs,
@@ -552,8 +557,11 @@ def _poisoned(shape, device, dtype):
 
 def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       target: torch.Tensor, need_dh: bool = False, need_dw: bool = False, need_db: bool = False,
-                      chunk_rows: int = 0, config: Optional[dict] = None):
+                      chunk_rows: int = 0, max_rows: int = -1, config: Optional[dict] = None):
     """Forward (and, when asked, the gradients for grad_output == 1). No autograd; see :func:`masked_ce`.
+
+    max_rows >= 0: the caller's upper bound on the masked rows; chunks are launched for that many rows
+    instead of all N (the count itself stays on the device). More masked rows than that give NaN outputs.
 
     Returns (loss, acc, dh, dw, db, hmul): loss/acc fp32 0-dim; dh like hidden (scaled by 1/M when
     hmul == 1, else owing the factor hmul); dw fp32 [V, D]; db fp32 [V]; absent ones are empty tensors.
@@ -587,8 +595,11 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
     t1 = target.reshape(-1)
     csum = torch.cumsum(m1, 0, dtype=torch.int32)
     align = cfg["align"]
-    c_max = chunk_bound(N, V, h2.element_size(), align, chunk_rows)
-    n_chunks = -(-N // c_max)
+    # rows to launch chunks for: every token may be masked, unless the caller bounds the count (the BEVT
+    # masks: each empty chunk would still cost four launches, ~14 us)
+    m_cap = N if max_rows < 0 else min(N, max_rows)
+    c_max = chunk_bound(max(m_cap, 1), V, h2.element_size(), align, chunk_rows)
+    n_chunks = max(1, -(-m_cap // c_max))  # chunk 0 always runs: its dW tiles store (zeros when M = 0)
     idx = torch.empty(N, device=dev, dtype=torch.int32)
     tab = torch.empty(2 * n_chunks, device=dev, dtype=torch.int32)
     dh = _poisoned((N, D), dev, dtype) if need_dh else None
@@ -672,7 +683,8 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
                 raise
             _set_split_fallback()  # both tile kinds in one kernel need more shared memory than this GPU has
             _launch_grad(split, dev, grad_args, c, need_db, grad_kw)
-    _final((1,), dev, csum, loss_rows, hit_rows, loss, acc, hmul, N, H_BY_M=h_by_m, BLOCK=1024, num_warps=4)
+    _final((1,), dev, csum, loss_rows, hit_rows, loss, acc, hmul, N, m_cap, H_BY_M=h_by_m, BLOCK=1024,
+           num_warps=4)
     dh = dh.view(hidden.shape) if need_dh else empty()
     return loss, acc, dh, dw if need_w else empty(), db if need_db else empty(), hmul
 
@@ -712,14 +724,14 @@ def scale_grads_(g: torch.Tensor, hmul: torch.Tensor, dh: torch.Tensor, mask: to
 # ============================================================================ torch.library registration
 @torch.library.custom_op("bevt::masked_ce_fwd", mutates_args=())
 def _masked_ce_op(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  target: torch.Tensor, need_dh: bool, need_dw: bool, need_db: bool,
-                  chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor]:
-    return masked_ce_forward(hidden, mask, weight, bias, target, need_dh, need_dw, need_db, chunk_rows)
+                  target: torch.Tensor, need_dh: bool, need_dw: bool, need_db: bool, chunk_rows: int,
+                  max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    return masked_ce_forward(hidden, mask, weight, bias, target, need_dh, need_dw, need_db, chunk_rows, max_rows)
 
 
 @_masked_ce_op.register_fake
-def _(hidden, mask, weight, bias, target, need_dh, need_dw, need_db, chunk_rows):
+def _(hidden, mask, weight, bias, target, need_dh, need_dw, need_db, chunk_rows, max_rows):
     scalar = hidden.new_empty((), dtype=torch.float32)
     V = weight.shape[0]
     dh = hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0)
@@ -740,7 +752,7 @@ def _(g, hmul, dh, mask, dw, db):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, mask, weight, bias, target, need_dh, need_dw, need_db, chunk_rows = inputs
+    hidden, mask, weight, bias, target, need_dh, need_dw, need_db, chunk_rows, max_rows = inputs
     _, _, dh, dw, db, hmul = output
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(dh, dw, db, hmul, mask)
@@ -753,7 +765,7 @@ def _backward(ctx, g_loss, *_unused):
     dh, dw, db, hmul, mask = ctx.saved_tensors
     need_dh, need_dw, need_db = ctx.flags
     if g_loss is None:
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None, None
     if not need_dw:
         dw = dw.new_empty(0)
     if torch.compiler.is_compiling():  # functional under compile (AOTAutograd does not like mutated saves)
@@ -766,23 +778,26 @@ def _backward(ctx, g_loss, *_unused):
     gh = dh if need_dh else None
     gw = dw.to(ctx.w_dtype) if need_dw else None
     gb = db.to(ctx.b_dtype) if need_db else None
-    return gh, None, gw, gb, None, None, None, None, None
+    return gh, None, gw, gb, None, None, None, None, None, None
 
 
 _masked_ce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              target: torch.Tensor, *, chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              target: torch.Tensor, *, chunk_rows: int = 0,
+              max_rows: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE of the LM head over masked tokens and the masked-token accuracy (see bevt.ops.masked_ce).
 
     hidden (B, L, D) or (L, D) bf16/fp16/fp32; mask bool like hidden[..., 0]; weight (V, D); bias (V,) or None;
     target int like mask. Returns (loss, acc): fp32 0-dim, loss with gradients for hidden, weight, bias.
-    chunk_rows: rows of the logits chunk (0: from the memory budget).
+    chunk_rows: rows of the logits chunk (0: from the memory budget). max_rows: an upper bound on the masked
+    tokens (-1: none; more masked tokens give NaN).
     """
     grad = torch.is_grad_enabled()
     need_dh = grad and hidden.requires_grad
     need_dw = grad and weight.requires_grad
     need_db = grad and bias is not None and bias.requires_grad
-    loss, acc, *_ = _masked_ce_op(hidden, mask, weight, bias, target, need_dh, need_dw, need_db, int(chunk_rows))
+    loss, acc, *_ = _masked_ce_op(hidden, mask, weight, bias, target, need_dh, need_dw, need_db, int(chunk_rows),
+                                  int(max_rows))
     return loss, acc.detach()

@@ -173,6 +173,48 @@ def test_triton_empty_mask_is_zero_without_nan():
 
 
 @needs_triton
+@pytest.mark.parametrize("slack", [0, 5, 1000])
+def test_triton_row_bound_matches_reference(slack):
+    """A max_rows bound (exact, loose, or above every token) launches chunks for that many rows only and
+    gives the same results; chunk_rows=16 makes the bound decide the chunk count (4 instead of 5 at slack 0)."""
+    h, mask, w, b, t = make(2, 37, 32, 100, p=0.8, dtype=torch.bfloat16, seed=7)
+    bound = int(mask.sum()) + slack
+    check_against_reference(h, mask, w, b, t, g=2.0, tri=lambda *a: KERN.masked_ce(*a, chunk_rows=16,
+                                                                                   max_rows=bound))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_more_masked_than_the_bound_gives_nan(dtype):
+    h, mask, w, b, t = make(2, 37, 32, 100, p=0.5, dtype=dtype, seed=8)
+    loss, acc, gh, gw, gb = run(lambda *a: KERN.masked_ce(*a, chunk_rows=16, max_rows=int(mask.sum()) - 1),
+                                h, mask, w, b, t)
+    assert torch.isnan(loss) and torch.isnan(acc)
+    assert torch.isnan(gh[mask]).all()  # the hidden gradient of the masked rows carries the NaN
+
+
+@needs_triton
+def test_triton_zero_bound_with_an_empty_mask():
+    h, mask, w, b, t = make(2, 20, 16, 30, dtype=torch.bfloat16)
+    loss, acc, gh, gw, gb = run(lambda *a: KERN.masked_ce(*a, max_rows=0), h, torch.zeros_like(mask), w, b, t)
+    assert loss.item() == 0.0 and acc.item() == 0.0
+    for gr in (gh, gw, gb):  # chunk 0 still runs: the weight gradient is stored, not left unwritten
+        assert torch.isfinite(gr).all() and gr.abs().max().item() == 0.0
+
+
+def test_max_masked_argument():
+    h, mask, w, b, t = make(2, 10, 8, 20, device="cpu")
+    count = int(mask.sum())
+    loss, _ = masked_ce(h, mask, w, b, t, max_masked=count, backend="ref")
+    assert torch.allclose(loss, masked_ce_ref(h, mask, w, b, t)[0])
+    with pytest.raises(ValueError, match=f"{count} tokens are masked, more than max_masked={count - 1}"):
+        masked_ce(h, mask, w, b, t, max_masked=count - 1, backend="ref")
+    for bad in (-1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="max_masked must be a non-negative int"):
+            masked_ce(h, mask, w, b, t, max_masked=bad, backend="ref")
+
+
+@needs_triton
 def test_triton_all_masked_and_two_dim_hidden():
     h, mask, w, b, t = make(2, 20, 16, 30)
     check_against_reference(h, torch.ones_like(mask), w, b, t)

@@ -101,3 +101,22 @@ def test_errors():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="cuda"):
             block_masks(2, backend="cuda", device="cpu")
+
+
+@pytest.mark.parametrize("spec,tube", [
+    (BlockMaskSpec(), TubeSpec()),
+    (BlockMaskSpec(exact=True), TubeSpec(tube_range=(1.0, 1.0))),  # the bound is reached
+    (BlockMaskSpec.for_grid((6, 6)), TubeSpec(slots=4, tube_range=(0.25, 0.75), temporal_scale=1)),
+    (BlockMaskSpec(num_masking_patches=150, max_num_patches=40), TubeSpec(slots=8, temporal_scale=3)),
+])
+def test_counts_never_exceed_the_bounds_the_loss_is_given(spec, tube):
+    """The pretraining step passes these bounds to the fused loss (``max_masked``), which launches only
+    for that many rows: a count above them would be a NaN loss."""
+    inp, tgt = tube_masks(300, spec, tube, seed=5, backend="ref")
+    img = block_masks(300, spec, seed=5, backend="ref")
+    vid_counts, img_counts = tgt.sum((1, 2, 3)), img.sum((1, 2))
+    assert vid_counts.max().item() <= tube.max_masked_target(spec)
+    assert img_counts.max().item() <= spec.max_masked
+    if spec.exact and tube.length_range[0] == tube.slots:
+        assert vid_counts.min().item() == tube.max_masked_target(spec)
+        assert img_counts.min().item() == spec.max_masked

@@ -108,7 +108,8 @@ class BEVT(nn.Module):
         x4_up = self.fpn(x4[:, 0].permute(0, 3, 1, 2)).unsqueeze(2)  # B, C4, 1, h, w
         return self.backbone.norm(self._fuse(x3, x4_up, self.lm_down)).flatten(1, 3)
 
-    def _stream_loss(self, hidden: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor, what: str):
+    def _stream_loss(self, hidden: torch.Tensor, target_mask: torch.Tensor, ids: torch.Tensor, what: str,
+                     max_masked_per_sample: int | None):
         B = hidden.shape[0]
         if target_mask.shape[0] != B or ids.shape != target_mask.shape:
             raise ValueError(f"{what}: target mask {tuple(target_mask.shape)} and ids {tuple(ids.shape)} must "
@@ -117,31 +118,39 @@ class BEVT(nn.Module):
             raise ValueError(f"{what}: {hidden.shape[1]} predicted tokens per sample but the target mask has "
                              f"{target_mask[0].numel()} ({tuple(target_mask.shape[1:])}); check the tokenizer "
                              f"input size (it must give the stage-3 grid)")
-        return masked_ce(hidden, target_mask.reshape(B, -1), self.lm_head.weight, self.lm_head.bias, ids.reshape(B, -1))
+        bound = None if max_masked_per_sample is None else B * max_masked_per_sample
+        return masked_ce(hidden, target_mask.reshape(B, -1), self.lm_head.weight, self.lm_head.bias,
+                         ids.reshape(B, -1), max_masked=bound)
 
     def forward(self, *, video: torch.Tensor | None = None, video_mask: torch.Tensor | None = None,
                 video_target_mask: torch.Tensor | None = None, video_ids: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                image_ids: torch.Tensor | None = None) -> BEVTOutput:
+                image_ids: torch.Tensor | None = None, video_max_masked: int | None = None,
+                image_max_masked: int | None = None) -> BEVTOutput:
         """One pretraining forward.
 
         Args:
             video: (B, 3, T, H, W) normalized clip; video_mask: (B, T/2, h, w) bool input (tube) mask;
             video_target_mask: (B, T, h, w) bool; video_ids: (B, T, h, w) tokenizer ids.
             images: (B, 3, H, W); image_mask: (B, h, w) bool (input and target); image_ids: (B, h, w).
+            video_max_masked / image_max_masked: upper bounds on the masked target tokens of one sample,
+                when the masks come from a generator with known settings (``TubeSpec.max_masked_target``,
+                ``BlockMaskSpec.max_masked``): the fused loss then works through fewer rows. More masked
+                tokens than that give a NaN loss (see ``bevt.ops.masked_ce``).
         """
         out = BEVTOutput(loss=torch.zeros((), device=self.lm_head.weight.device))
         if self.uses_video:
             if video is None or video_mask is None or video_target_mask is None or video_ids is None:
                 raise ValueError(f"mode {self.mode} needs video, video_mask, video_target_mask and video_ids")
             hv = self.encode_video(video, video_mask)
-            out.loss_video, out.acc_video = self._stream_loss(hv, video_target_mask, video_ids, "video")
+            out.loss_video, out.acc_video = self._stream_loss(hv, video_target_mask, video_ids, "video",
+                                                              video_max_masked)
             out.loss = out.loss + out.loss_video
         if self.uses_images:
             if images is None or image_mask is None or image_ids is None:
                 raise ValueError(f"mode {self.mode} needs images, image_mask and image_ids")
             hi = self.encode_images(images, image_mask)
-            out.loss_image, out.acc_image = self._stream_loss(hi, image_mask, image_ids, "image")
+            out.loss_image, out.acc_image = self._stream_loss(hi, image_mask, image_ids, "image", image_max_masked)
             out.loss = out.loss + self.image_loss_weight * out.loss_image
         return out
 

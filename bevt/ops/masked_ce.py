@@ -110,7 +110,8 @@ def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              target: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              target: torch.Tensor, *, max_masked: int | None = None,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the LM head over masked tokens, and the masked-token accuracy.
 
     Args:
@@ -118,6 +119,10 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
         mask: (B, L) bool, True where a token was masked and must be predicted.
         weight: (V, D) LM head weight; bias: (V,) or None.
         target: (B, L) int tokenizer ids (only masked positions are read).
+        max_masked: an upper bound on the number of masked tokens (all samples), when the caller knows one
+            (e.g. from the mask generator's settings). The triton backend then works through that many rows
+            instead of every token's worth; it cannot check the count without a host sync, so more masked
+            tokens give a NaN loss and accuracy (and NaN hidden gradients). The ref backend raises instead.
         backend: None (default/auto), "ref" or "triton".
     Returns:
         (loss, accuracy): 0-dim fp32 tensors on hidden's device; only ``loss`` carries gradients.
@@ -141,6 +146,8 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
         raise ValueError(f"masked_ce: weight must be (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"masked_ce: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if max_masked is not None and (isinstance(max_masked, bool) or not isinstance(max_masked, int) or max_masked < 0):
+        raise ValueError(f"masked_ce: max_masked must be a non-negative int or None, got {max_masked!r}")
     # Under autocast the head runs in the autocast dtype, as the reference's F.linear would by itself. The
     # custom op is not autocast-aware: cast here, or an fp32 hidden (the output of a LayerNorm under
     # autocast) would run the Triton GEMMs in fp32, about 10x slower (measured in the BEVT step).
@@ -153,7 +160,11 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
     if name == "triton":
         from bevt.kernels import masked_ce as kern
 
-        return kern.masked_ce(hidden, mask, weight, bias, target)
+        return kern.masked_ce(hidden, mask, weight, bias, target, max_rows=-1 if max_masked is None else max_masked)
+    if max_masked is not None:
+        count = int(mask.sum())  # the reference syncs anyway (boolean indexing)
+        if count > max_masked:
+            raise ValueError(f"masked_ce: {count} tokens are masked, more than max_masked={max_masked}")
     return masked_ce_ref(hidden, mask, weight, bias, target)
 
 

@@ -60,6 +60,12 @@ class BlockMaskSpec:
         return self.num_masking_patches if self.max_num_patches is None else self.max_num_patches
 
     @property
+    def max_masked(self) -> int:
+        """Upper bound on the masked cells of one mask: blocks are only added while fewer than
+        ``num_masking_patches`` cells are masked, each at most the cells still missing (``exact``: equal)."""
+        return self.num_masking_patches
+
+    @property
     def log_aspect(self) -> tuple[float, float]:
         hi = self.max_aspect or 1.0 / self.min_aspect
         return math.log(self.min_aspect), math.log(hi)
@@ -89,6 +95,11 @@ class TubeSpec:
             raise ValueError(f"tube_range must satisfy 0 <= lo <= hi <= 1, got {self.tube_range}")
         if self.temporal_scale < 1:
             raise ValueError(f"temporal_scale must be >= 1, got {self.temporal_scale}")
+
+    def max_masked_target(self, spec: BlockMaskSpec) -> int:
+        """Upper bound on the masked cells of one clip's target mask: the 2D mask on at most the longest tube's
+        slots, each repeated ``temporal_scale`` times."""
+        return spec.max_masked * self.length_range[1] * self.temporal_scale
 
     @property
     def length_range(self) -> tuple[int, int]:

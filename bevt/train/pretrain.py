@@ -169,9 +169,13 @@ class PretrainForward(torch.nn.Module):
     host sync: the shape :class:`bevt.train.cuda_graph.GraphedStep` replays.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, grid: tuple[int, int]):
+    def __init__(self, model: torch.nn.Module, tokenizer: torch.nn.Module, grid: tuple[int, int],
+                 max_masked: dict[str, int] | None = None):
         super().__init__()
         self.model, self.tokenizer, self.grid = model, tokenizer, grid
+        # per-sample bounds of the masked target tokens ("video", "images"), from the mask settings: the
+        # fused loss launches for that many rows instead of every token's worth
+        self.max_masked = dict(max_masked or {})
 
     def _tokens(self, x_uint8: torch.Tensor) -> torch.Tensor:
         # the tokenizer chooses its own precision; keep the step's autocast out of it
@@ -184,11 +188,18 @@ class PretrainForward(torch.nn.Module):
             B, T = video_tok.shape[:2]  # video_tok: (B, T, 3, s, s)
             kwargs.update(video=normalize(video, channel_dim=1), video_mask=video_mask,
                           video_target_mask=video_target_mask,
-                          video_ids=self._tokens(video_tok.flatten(0, 1)).view(B, T, *self.grid))
+                          video_ids=self._tokens(video_tok.flatten(0, 1)).view(B, T, *self.grid),
+                          video_max_masked=self.max_masked.get("video"))
         if images is not None:
             kwargs.update(images=normalize(images, channel_dim=1), image_mask=image_mask,
-                          image_ids=self._tokens(images_tok))
+                          image_ids=self._tokens(images_tok), image_max_masked=self.max_masked.get("images"))
         return self.model(**kwargs).scalars()
+
+
+def mask_bounds(block: BlockMaskSpec, tube: TubeSpec) -> dict[str, int]:
+    """Per-sample upper bounds of the masked target tokens of masks made with these settings (what
+    :class:`PretrainForward` passes to the loss)."""
+    return dict(video=tube.max_masked_target(block), images=block.max_masked)
 
 
 class PretrainStep:
@@ -206,7 +217,7 @@ class PretrainStep:
                                         min_aspect=m.min_aspect, exact=m.exact)
         self.tube_spec = TubeSpec(slots=d.clip_len // 2, tube_range=tuple(m.tube_range), temporal_scale=2)
         self.seed = cfg.run.seed
-        self.step_fn = PretrainForward(model, tokenizer, grid)
+        self.step_fn = PretrainForward(model, tokenizer, grid, mask_bounds(self.block_spec, self.tube_spec))
         if cuda_graph:
             from bevt.train.cuda_graph import GraphedStep
 
