@@ -5,8 +5,8 @@ Providers: ``ref`` (gather the masked rows, then linear + F.cross_entropy: bevt.
 (bevt's fused kernel, with no bound on the masked count: it launches for every token's worth of rows),
 ``triton_bound`` (the same with ``max_masked`` = the BEVT step's bound for these masks: at most 1568 target
 tokens per clip, 98 cells x 8 slots x 2, i.e. 12544 rows for 8 clips). Modes: ``fwd`` (no gradient needed)
-and ``fwd_bwd`` (loss.backward() for hidden, weight and bias). Each provider's loss, accuracy and gradients are checked against an fp32 reference
-before it is timed. Recorded: ``event_ms`` (median of CUDA events around one eager call, synchronized
+and ``fwd_bwd`` (loss.backward() for hidden, weight and bias). Each provider's loss, accuracy and gradients
+are checked against an fp32 reference before it is timed. Recorded: ``event_ms`` (median of CUDA events around one eager call, synchronized
 each time: bounded below by the host's launch time), ``graph_ms`` (replays of a CUDA graph of 20 calls, per
 call: the GPU time; only for providers without a host sync, i.e. the triton ones: the references index with a
 boolean mask), ``ms`` the headline (graph_ms where there is one, else event_ms), TFLOP/s of the products at

@@ -195,7 +195,7 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, 
     nq = q0 + tl.arange(0, BLOCK_M)
     NWS = nWd * nWh * nWw
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        wi = _window(r * WPP + wl, NWS, NB)
         real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)
@@ -258,7 +258,7 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, 
     nq = q0 + tl.arange(0, BLOCK_M)
     NWS = nWd * nWh * nWw
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        wi = _window(r * WPP + wl, NWS, NB)
         real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)
         # 1. delta = rowsum(dO * O) for this query tile, kept for the bias-gradient and dK/dV kernels
@@ -317,7 +317,7 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, 
     NWS = nWd * nWh * nWw
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        wi = _window(r * WPP + wl, NWS, NB)
         real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
@@ -398,7 +398,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
     dkp = tl.zeros((DH,), tl.float32)
     dvp = tl.zeros((DH,), tl.float32)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        wi = _window(r * WPP + wl, NWS, NB)
         real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
         bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)  # transposed planes: rows = keys
@@ -470,7 +470,7 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
     dkp = tl.zeros((DH,), tl.float32)
     dvp = tl.zeros((DH,), tl.float32)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, nWd * nWh * nWw, NB)
+        wi = _window(r * WPP + wl, NWS, NB)
         real, row, row_o = _rows(n, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
