@@ -14,7 +14,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 KERNEL_CHOICES = ("auto", "ref", "triton", "cuda")
 
@@ -412,6 +412,42 @@ def apply_overrides(cfg, overrides: list[str]):
         # dataset generated there because the recipe (the embedded default) synthesizes into its own root
         data["data"]["synthesize_if_missing"] = False
     return from_dict(type(cfg), data)
+
+
+class Recipes:
+    """The named recipes of one job (``--recipe NAME``): functions that return a full config, registered by
+    decorating them with the instance (``@RECIPES``); the function's name is the recipe's name and the first
+    line of its docstring its description (``--list-recipes``, ``bevt info --recipes``)."""
+
+    def __init__(self, job: str):
+        self.job = job
+        self._make: dict[str, Callable[[], Any]] = {}
+
+    def __call__(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        if fn.__name__ in self._make:
+            raise ValueError(f"{self.job} recipe {fn.__name__!r} is defined twice")
+        self._make[fn.__name__] = fn
+        return fn
+
+    def names(self) -> list[str]:
+        return sorted(self._make)
+
+    def describe(self) -> dict[str, str]:
+        """Recipe name -> the first line of its docstring, sorted by name."""
+        return {name: (self._make[name].__doc__ or "").strip().splitlines()[0] for name in self.names()}
+
+    def get(self, name: str):
+        """A fresh config of recipe ``name``, with ``recipe`` set to the name and every field re-validated
+        (a recipe may edit fields after construction)."""
+        if name not in self._make:
+            raise ConfigError(f"unknown {self.job} recipe {name!r}; recipes: {', '.join(self.names())}")
+        cfg = self._make[name]()
+        cfg.recipe = name
+        return from_dict(type(cfg), to_dict(cfg))
+
+    def build(self, name: str, overrides: list[str]):
+        """Recipe ``name`` with the ``section.field=value`` overrides applied (:func:`apply_overrides`)."""
+        return apply_overrides(self.get(name), overrides)
 
 
 def save_json(cfg, path: str) -> None:

@@ -119,7 +119,7 @@ def format_info(info: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--models", action="store_true", help="list the registered models")
-    p.add_argument("--recipes", action="store_true", help="list the pretraining recipes")
+    p.add_argument("--recipes", action="store_true", help="list the pretraining and fine-tuning recipes")
 
 
 def run(args) -> int:
@@ -131,10 +131,13 @@ def run(args) -> int:
             print(f"{name:<40} embed {c['embed_dim']:<4} depths {c['depths']} heads {c['num_heads']}")
         return 0
     if getattr(args, "recipes", False):
-        from bevt.recipes import list_recipes
+        from bevt.recipes import RECIPES as PRETRAIN
+        from bevt.train.finetune import RECIPES as FINETUNE
+        from bevt.train.pretrain import print_recipes
 
-        for name, doc in list_recipes().items():
-            print(f"{name:<24} {doc}")
+        for i, (command, recipes) in enumerate((("bevt pretrain", PRETRAIN), ("bevt finetune", FINETUNE))):
+            print(f"{chr(10) if i else ''}{command} --recipe NAME  ({recipes.job})")
+            print_recipes(recipes)
         return 0
     info = collect()
     if getattr(args, "json", False):

@@ -6,34 +6,13 @@ it, a nano Video Swin, a few minutes on a laptop CPU. The ``*_base_*`` recipes a
 """
 from __future__ import annotations
 
-from typing import Callable
-
-from bevt.config import (DataConfig, MaskConfig, ModelConfig, OptimConfig, PretrainConfig, RunConfig,
+from bevt.config import (DataConfig, MaskConfig, ModelConfig, OptimConfig, PretrainConfig, Recipes, RunConfig,
                          TokenizerConfig)
 
-_RECIPES: dict[str, Callable[[], PretrainConfig]] = {}
+RECIPES = Recipes("pretraining")
 
 
-def recipe(fn: Callable[[], PretrainConfig]) -> Callable[[], PretrainConfig]:
-    _RECIPES[fn.__name__] = fn
-    return fn
-
-
-def list_recipes() -> dict[str, str]:
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in sorted(_RECIPES.items())}
-
-
-def get_recipe(name: str) -> PretrainConfig:
-    if name not in _RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(sorted(_RECIPES))}")
-    from bevt.config import from_dict, to_dict
-
-    cfg = _RECIPES[name]()
-    cfg.recipe = name
-    return from_dict(type(cfg), to_dict(cfg))  # re-validate fields a recipe edited after construction
-
-
-@recipe
+@RECIPES
 def default() -> PretrainConfig:
     """Embedded default: synthetic clips + images, built-in VQ tokenizer, nano model; minutes on a CPU."""
     return PretrainConfig(
@@ -47,7 +26,7 @@ def default() -> PretrainConfig:
     )
 
 
-@recipe
+@RECIPES
 def bevt_base_in1k_k400() -> PretrainConfig:
     """Paper: BEVT Swin-B on IN-1K + K400, 150 epochs, DALL-E tokenizer, 8 clips + 64 images per GPU per step."""
     return PretrainConfig(
@@ -62,7 +41,7 @@ def bevt_base_in1k_k400() -> PretrainConfig:
     )
 
 
-@recipe
+@RECIPES
 def bevt_v_base_k400() -> PretrainConfig:
     """Ablation: the video stream alone (BEVT-V), Swin-B on K400, otherwise as bevt_base_in1k_k400."""
     cfg = bevt_base_in1k_k400()
@@ -71,7 +50,7 @@ def bevt_v_base_k400() -> PretrainConfig:
     return cfg
 
 
-@recipe
+@RECIPES
 def bevt_i_base_in1k() -> PretrainConfig:
     """Image stream alone (BEVT-I, stage 1 of the paper), Swin-B on IN-1K with the DALL-E tokenizer."""
     cfg = bevt_base_in1k_k400()
@@ -82,7 +61,7 @@ def bevt_i_base_in1k() -> PretrainConfig:
     return cfg
 
 
-@recipe
+@RECIPES
 def bevt_tiny_k400() -> PretrainConfig:
     """Swin-T BEVT at the paper's data settings: a smaller model for one or a few GPUs."""
     cfg = bevt_base_in1k_k400()

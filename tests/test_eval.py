@@ -270,10 +270,10 @@ def _pretraining_checkpoint(folder):
     """A bevt pretraining checkpoint (an untrained nano BEVT model and its config), written as training does."""
     from bevt.config import to_dict
     from bevt.models.bevt import create_bevt
-    from bevt.recipes import get_recipe
+    from bevt.recipes import RECIPES
     from bevt.train.checkpoint import save_checkpoint
 
-    cfg = get_recipe("default")
+    cfg = RECIPES.get("default")
     model = create_bevt(cfg.model.name, mode="bevt", vocab_size=cfg.tokenizer.vocab_size)
     return save_checkpoint(str(folder), 1, model=model, trainer_state={}, config=to_dict(cfg), keep_last=1)
 

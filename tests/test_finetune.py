@@ -39,10 +39,10 @@ def pretrained(synth_dataset, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------- recipes
 def test_recipes_are_the_official_settings():
     """REFERENCE_BEVT.md sections 4.2 (K400) and 4.3 (SSv2), restated."""
-    from bevt.train.finetune import get_recipe, list_recipes
+    from bevt.train.finetune import RECIPES
 
-    assert set(list_recipes()) == {"default", "k400", "ssv2", "diving48"}
-    k = get_recipe("k400")
+    assert RECIPES.names() == ["default", "diving48", "k400", "ssv2"]
+    k = RECIPES.get("k400")
     assert (k.model.name, k.model.drop_path_rate, k.model.head_dropout) == ("videoswin_base_patch244_window877", 0.3, 0.5)
     assert (k.data.clip_len, k.data.frame_interval, k.data.num_segments, k.data.flip) == (32, 2, 0, True)
     assert (k.data.short_side, k.data.crop_size, tuple(k.data.area_range)) == (256, 224, (0.08, 1.0))
@@ -51,7 +51,7 @@ def test_recipes_are_the_official_settings():
     assert (o.schedule_by_epoch, o.clip_grad, k.data.batch_size, o.accum_steps) == (True, 40.0, 8, 4)
     assert (k.eval.test_clips, k.eval.test_crops, k.eval.test_short_side, k.eval.max_views) == (4, 3, 224, 4)
     assert not k.ema.enabled and k.label_smoothing == 0 and not k.aug.randaugment and k.aug.erasing_p == 0
-    s = get_recipe("ssv2")
+    s = RECIPES.get("ssv2")
     assert (s.model.name, s.model.drop_path_rate, tuple(s.model.pretrained_window)) == \
         ("videoswin_base_patch244_window1677", 0.4, (8, 7, 7))
     assert (s.data.num_segments, s.data.flip, s.model.num_classes) == (32, False, 174)
@@ -61,7 +61,7 @@ def test_recipes_are_the_official_settings():
     assert (s.data.batch_size, o.accum_steps, o.epochs, o.warmup_epochs, o.schedule_by_epoch) == (8, 8, 60, 2.5, True)
     assert (s.ema.enabled, s.ema.momentum, s.ema.warm_up, s.ema.interval) == (True, 0.0002, 100, 1)
     assert s.label_smoothing == 0.1 and (s.eval.test_clips, s.eval.test_crops, s.eval.max_views) == (1, 3, 2)
-    d = get_recipe("diving48")
+    d = RECIPES.get("diving48")
     assert d.model.num_classes == 48 and d.data.flip and d.aug == s.aug and d.optim == s.optim
 
 
@@ -81,9 +81,9 @@ def _official_k400_keys(decay=0.9):
 
 def test_layer_decay_groups_match_official_k400():
     from bevt.models.registry import create_model
-    from bevt.train.finetune import get_recipe, optimizer_groups
+    from bevt.train.finetune import RECIPES, optimizer_groups
 
-    cfg = get_recipe("k400")
+    cfg = RECIPES.get("k400")
     model = create_model(cfg.model.name, num_classes=400, drop_path_rate=0.0)
     groups = optimizer_groups(model, cfg.optim)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
@@ -114,9 +114,9 @@ def test_layer_decay_groups_match_official_k400():
 
 def test_backbone_lr_mult_ssv2():
     from bevt.models.registry import create_model
-    from bevt.train.finetune import get_recipe, optimizer_groups
+    from bevt.train.finetune import RECIPES, optimizer_groups
 
-    cfg = get_recipe("ssv2")
+    cfg = RECIPES.get("ssv2")
     model = create_model("videoswin_nano_patch244_window1677", num_classes=174)
     scale = {n: g["lr_scale"] for g in optimizer_groups(model, cfg.optim) for n in g["names"]}
     assert all(scale[n] == (1.0 if n.startswith("head.") else 0.1) for n in scale)

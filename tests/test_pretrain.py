@@ -118,7 +118,7 @@ def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path, da
 
 
 def test_clear_errors(synth_dataset, tokenizer_file, tmp_path):
-    with pytest.raises(ValueError, match="unknown recipe"):
+    with pytest.raises(ConfigError, match="unknown pretraining recipe 'nope'; recipes: bevt_base_in1k_k400, "):
         build_config("nope", [])
     with pytest.raises(ConfigError, match="has no field 'lrr'"):
         build_config("default", ["optim.lrr=1"])
@@ -231,6 +231,46 @@ def test_cuda_graph_under_torchrun_matches_one_process(synth_dataset, tokenizer_
     assert len(b) == 4
     for i in range(1, 5):  # bf16 kernels on different batch splits; AdamW amplifies rounding differences
         assert b[i] == pytest.approx(a[i], rel=1e-2, abs=1e-2), (i, a, b)
+
+
+def test_recipes_registry_and_listing(capsys):
+    """Both jobs' recipes go through one registry: a fresh, re-validated config per call, the name recorded,
+    duplicates and unknown names refused, and the same listing from `--list-recipes` and `bevt info`."""
+    from bevt.cli import main
+    from bevt.config import PretrainConfig, Recipes
+    from bevt.recipes import RECIPES
+
+    book = Recipes("test")
+
+    @book
+    def small() -> PretrainConfig:
+        """A small one.
+
+        More text that the listing leaves out."""
+        cfg = PretrainConfig()
+        cfg.optim.lr = -1.0  # edited after construction: get() must re-validate
+        return cfg
+
+    assert book.describe() == {"small": "A small one."}
+    with pytest.raises(ConfigError, match="optim.lr"):
+        book.get("small")
+    with pytest.raises(ValueError, match="'small' is defined twice"):
+        book(small)
+    a, b = RECIPES.get("default"), RECIPES.get("default")
+    assert a.recipe == "default" and a is not b and a.model is not b.model
+    a.optim.lr = 123.0
+    assert RECIPES.get("default").optim.lr != 123.0
+
+    assert main(["pretrain", "--list-recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert [line.split()[0] for line in listed.splitlines()] == RECIPES.names()
+    assert main(["finetune", "--list-recipes"]) == 0
+    assert capsys.readouterr().out.split()[0] == "default"
+    assert main(["info", "--recipes"]) == 0
+    out = capsys.readouterr().out
+    assert listed in out and "bevt finetune --recipe NAME" in out and "k400" in out
+    assert main(["finetune", "--recipe", "k401"]) == 2
+    assert "unknown fine-tuning recipe 'k401'; recipes: default, diving48, k400, ssv2" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_override(capsys):

@@ -18,14 +18,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bevt.config import (ConfigError, KernelsConfig, OptimConfig, RunConfig, _check, apply_overrides, from_dict,
-                         save_json, to_dict)
+from bevt.config import ConfigError, KernelsConfig, OptimConfig, Recipes, RunConfig, _check, save_json, to_dict
 from bevt.data.transforms import normalize
 from bevt.train.loop import AMP_DTYPES, StepContext
 
@@ -226,32 +224,15 @@ class FinetuneConfig:
 # Recipes
 # ----------------------------------------------------------------------------------------------------
 
-_RECIPES: dict[str, Callable[[], FinetuneConfig]] = {}
+RECIPES = Recipes("fine-tuning")
 
 
-def recipe(fn: Callable[[], FinetuneConfig]) -> Callable[[], FinetuneConfig]:
-    _RECIPES[fn.__name__] = fn
-    return fn
+def build_config(recipe: str, overrides: list[str]) -> FinetuneConfig:
+    """Fine-tuning recipe ``recipe`` with the ``section.field=value`` overrides applied."""
+    return RECIPES.build(recipe, overrides)
 
 
-def list_recipes() -> dict[str, str]:
-    """Fine-tuning recipe names and the first line of their description."""
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in sorted(_RECIPES.items())}
-
-
-def get_recipe(name: str) -> FinetuneConfig:
-    if name not in _RECIPES:
-        raise ValueError(f"unknown fine-tuning recipe {name!r}; recipes: {', '.join(sorted(_RECIPES))}")
-    cfg = _RECIPES[name]()
-    cfg.recipe = name
-    return from_dict(FinetuneConfig, to_dict(cfg))  # re-validate fields a recipe edited after construction
-
-
-def build_config(recipe_name: str, overrides: list[str]) -> FinetuneConfig:
-    return apply_overrides(get_recipe(recipe_name), overrides)
-
-
-@recipe
+@RECIPES
 def default() -> FinetuneConfig:
     """Embedded default: nano model on the synthetic dataset, from runs/default if pretrained, CPU minutes."""
     return FinetuneConfig(
@@ -267,7 +248,7 @@ def default() -> FinetuneConfig:
     )
 
 
-@recipe
+@RECIPES
 def k400() -> FinetuneConfig:
     """Official K400: Swin-B 8x7x7, 32x2 frames, AdamW 3e-4 wd 0.001, layer decay 0.9, 60 epochs, 4x3 views."""
     return FinetuneConfig(
@@ -284,7 +265,7 @@ def k400() -> FinetuneConfig:
     )
 
 
-@recipe
+@RECIPES
 def ssv2() -> FinetuneConfig:
     """Official SSv2: Swin-B 16x7x7, 32 uniform segments, RandAugment(4, 7), erasing 0.25, LS 0.1, EMA, 1x3 views."""
     return FinetuneConfig(
@@ -305,7 +286,7 @@ def ssv2() -> FinetuneConfig:
     )
 
 
-@recipe
+@RECIPES
 def diving48() -> FinetuneConfig:
     """Diving48 (no official config; bevt's choice): the SSv2 recipe with 48 classes and flips kept."""
     cfg = ssv2()
@@ -734,15 +715,10 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
 def add_arguments(p) -> None:
     from bevt.train.pretrain import add_job_arguments
 
-    add_job_arguments(p, ", ".join(sorted(_RECIPES)), "--set model.init_from=runs/default --set data.root=/data/k400")
-    p.add_argument("--list-recipes", action="store_true", help="list the fine-tuning recipes and exit")
+    add_job_arguments(p, RECIPES, "--set model.init_from=runs/default --set data.root=/data/k400")
 
 
 def run(args) -> int:
-    if args.list_recipes:
-        for name, doc in list_recipes().items():
-            print(f"{name:<10} {doc}")
-        return 0
     from bevt.train.pretrain import run_job
 
-    return run_job("bevt finetune", build_config, finetune, args)
+    return run_job("bevt finetune", RECIPES, finetune, args)

@@ -14,9 +14,10 @@ import sys
 import numpy as np
 import torch
 
-from bevt.config import ConfigError, PretrainConfig, apply_overrides, save_json, to_dict
+from bevt.config import ConfigError, PretrainConfig, Recipes, save_json, to_dict
 from bevt.data.transforms import normalize
 from bevt.ops import BlockMaskSpec, TubeSpec, set_default_backend, step_masks
+from bevt.recipes import RECIPES
 from bevt.train import checkpoint as ckpt
 from bevt.train.distributed import AllReduceParallel, DistInfo, barrier, cleanup, init_distributed
 from bevt.train.logger import format_summary
@@ -25,9 +26,8 @@ from bevt.train.loop import AMP_DTYPES, LoopConfig, StepContext, Trainer, Traini
 
 # ----------------------------------------------------------------------------- config and environment
 def build_config(recipe: str, overrides: list[str]) -> PretrainConfig:
-    from bevt.recipes import get_recipe
-
-    return apply_overrides(get_recipe(recipe), overrides)
+    """Pretraining recipe ``recipe`` (:mod:`bevt.recipes`) with the ``section.field=value`` overrides applied."""
+    return RECIPES.build(recipe, overrides)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -446,9 +446,11 @@ def closing_rows(s: dict) -> list[tuple[str, object]]:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_job_arguments(p, recipe_help: str, set_example: str) -> None:
+def add_job_arguments(p, recipes: Recipes, set_example: str) -> None:
     """The arguments every training command takes (pretrain, finetune)."""
-    p.add_argument("--recipe", default="default", help=f"named recipe ({recipe_help}); default: the embedded run")
+    p.add_argument("--recipe", default="default",
+                   help=f"named recipe ({', '.join(recipes.names())}); default: the embedded run")
+    p.add_argument("--list-recipes", action="store_true", help=f"list the {recipes.job} recipes and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"dotted override, repeatable (a tuple as a,b), e.g. {set_example}")
     p.add_argument("--resume", default="", metavar="auto|DIR",
@@ -456,11 +458,20 @@ def add_job_arguments(p, recipe_help: str, set_example: str) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def run_job(command: str, build, job, args) -> int:
-    """Build the config from ``args``, print it or run ``job(cfg, resume=...)``; bad input -> message, exit 2;
-    a diverged run -> message, exit 1."""
+def print_recipes(recipes: Recipes) -> None:
+    width = max(map(len, recipes.names()))
+    for name, doc in recipes.describe().items():
+        print(f"{name:<{width}}  {doc}")
+
+
+def run_job(command: str, recipes: Recipes, job, args) -> int:
+    """List the recipes, or build the config from ``args`` and print it or run ``job(cfg, resume=...)``;
+    bad input -> message, exit 2; a diverged run -> message, exit 1."""
+    if args.list_recipes:
+        print_recipes(recipes)
+        return 0
     try:
-        cfg = build(args.recipe, args.overrides)
+        cfg = recipes.build(args.recipe, args.overrides)
     except (ConfigError, ValueError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
@@ -481,8 +492,8 @@ def run_job(command: str, build, job, args) -> int:
 
 
 def add_arguments(p) -> None:
-    add_job_arguments(p, "bevt info --recipes", "--set optim.lr=1e-4 --set data.root=/data/k400")
+    add_job_arguments(p, RECIPES, "--set optim.lr=1e-4 --set data.root=/data/k400")
 
 
 def run(args) -> int:
-    return run_job("bevt pretrain", build_config, pretrain, args)
+    return run_job("bevt pretrain", RECIPES, pretrain, args)
