@@ -1,7 +1,8 @@
 """Configuration: a tree of dataclasses, validated in ``__post_init__``, named recipes, dotted overrides.
 
 A run is ``recipe -> overrides -> validate``; the resolved config is saved as JSON in the run folder and
-inside every checkpoint. Recipes live in :mod:`bevt.recipes`.
+inside every checkpoint. Pretraining recipes live in :mod:`bevt.recipes`, fine-tuning ones in
+:mod:`bevt.train.finetune`; both register with :class:`Recipes`.
 
 Batch sizes are per GPU (per process) and per *optimizer step*: with ``optim.accum_steps = 2`` a
 ``video_batch`` of 8 runs as two micro-batches of 4 (the official recipe's "8 clips per GPU with
