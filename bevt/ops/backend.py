@@ -199,7 +199,12 @@ def _triton_status() -> tuple[bool, str]:
     return True, ""
 
 
-triton_status.cache_clear = _triton_status.cache_clear  # tests change TRITON_INTERPRET
+def _clear_status_caches() -> None:
+    _triton_status.cache_clear()
+    _kernel_module_facts_cached.cache_clear()
+
+
+triton_status.cache_clear = _clear_status_caches  # tests change TRITON_INTERPRET
 
 
 def triton_interpreting() -> bool:
@@ -224,6 +229,62 @@ def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
         reasons.append(f"tensors must be on a CUDA device (got {t.device}; CPU tensors only under TRITON_INTERPRET=1)")
         break
     return reasons
+
+
+def compute_capability_reasons(caps: Capabilities, *tensors: torch.Tensor) -> list[str]:
+    """Why the CUDA device of these tensors is too old for a backend (empty list: it is not)."""
+    dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
+    if dev is None or caps.min_compute_capability is None:
+        return []
+    cc = torch.cuda.get_device_capability(dev)
+    if cc < caps.min_compute_capability:
+        return [f"needs compute capability >= {caps.min_compute_capability}, {dev} has {cc}"]
+    return []
+
+
+def triton_kernel_reasons(name: str, caps: Capabilities, *tensors: torch.Tensor) -> list[str]:
+    """What every Triton op checks besides its own shape limits: the tensors' device (one device for all),
+    its compute capability, that ``bevt.kernels.<name>`` imports, and, for CPU tensors under the interpreter,
+    that triton was imported in interpreter mode."""
+    reasons = triton_device_reasons(*tensors)
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        reasons.append("all tensors must be on one device, got " + ", ".join(sorted(map(str, devices))))
+    reasons += compute_capability_reasons(caps, *tensors)
+    import_problem, interpreter_problem = _kernel_module_facts(name)
+    if import_problem:
+        reasons.append(import_problem)
+    elif interpreter_problem and any(t.device.type == "cpu" for t in tensors):
+        reasons.append(interpreter_problem)
+    return reasons
+
+
+def triton_kernel_status(name: str) -> tuple[bool, str]:
+    """:func:`triton_status`, and whether ``bevt.kernels.<name>`` imports (for ``bevt info``)."""
+    ok, why = triton_status()
+    import_problem, _ = _kernel_module_facts(name)
+    if ok and import_problem:
+        return False, import_problem
+    return ok, why
+
+
+@torch.compiler.assume_constant_result  # facts of the process, like triton_status: compile reads, never traces
+def _kernel_module_facts(name: str) -> tuple[str, str]:
+    return _kernel_module_facts_cached(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_module_facts_cached(name: str) -> tuple[str, str]:
+    """Why ``bevt.kernels.<name>`` does not import, and why its kernels cannot take CPU tensors under the
+    interpreter (each empty when it does / they can or the interpreter is off)."""
+    try:
+        module = importlib.import_module(f"bevt.kernels.{name}")
+    except ImportError as e:
+        return f"the Triton kernel module bevt.kernels.{name} does not import in this build ({e})", ""
+    if triton_interpreting() and not module.interpreter_ready():
+        return "", ("TRITON_INTERPRET=1 was set after triton was imported in compiled mode: set it before the "
+                    "first import of triton to run the kernels on the CPU")
+    return "", ""
 
 
 EXTENSION_BUILD_COMMAND = "BEVT_BUILD_EXT=1 pip install --no-build-isolation -e ."

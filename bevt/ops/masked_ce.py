@@ -15,7 +15,6 @@ Rules (all backends):
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +63,6 @@ CAPABILITIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernel_importable() -> bool:
-    try:
-        from bevt.kernels import masked_ce as _k  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def can_run_ref(*_, raise_error: bool = False, **__) -> bool:
     return True
 
@@ -82,9 +72,7 @@ def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                    raise_error: bool = False, **_) -> bool:
     caps = CAPABILITIES["triton"]
     tensors = [t for t in (hidden, weight, bias, mask, target) if t is not None]
-    reasons = _be.triton_device_reasons(*tensors)
-    if len({t.device for t in tensors}) > 1:
-        reasons.append("all tensors must be on one device, got " + ", ".join(sorted({str(t.device) for t in tensors})))
+    reasons = _be.triton_kernel_reasons("masked_ce", caps, *tensors)
     if hidden.dtype not in caps.dtypes:
         reasons.append(f"dtype must be one of {caps.dtypes}, got {hidden.dtype}")
     if weight.dtype not in caps.extra["weight_dtypes"] or (bias is not None and bias.dtype not in caps.extra["weight_dtypes"]):
@@ -94,18 +82,6 @@ def can_run_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         reasons.append(f"hidden size must be <= {caps.extra['max_hidden']}, got {hidden.shape[-1]}")
     if weight.shape[0] > caps.extra["max_vocab"]:
         reasons.append(f"codebook size must be <= {caps.extra['max_vocab']}, got {weight.shape[0]}")
-    dev = hidden.device
-    if dev.type == "cuda" and caps.min_compute_capability is not None:
-        cc = torch.cuda.get_device_capability(dev)
-        if cc < caps.min_compute_capability:
-            reasons.append(f"needs compute capability >= {caps.min_compute_capability}, device has {cc}")
-    if not _triton_kernel_importable():
-        reasons.append("the Triton masked-CE kernel is not available in this build")
-    elif dev.type == "cpu" and _be.triton_interpreting():
-        from bevt.kernels import masked_ce as _k
-
-        if not _k.interpreter_ready():
-            reasons.append("triton was imported before TRITON_INTERPRET=1 was set; set it before the first import")
     return _be.verdict(OP, "triton", reasons, raise_error)
 
 
@@ -169,7 +145,4 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
-    ok, why = _be.triton_status()
-    if ok and not _triton_kernel_importable():
-        ok, why = False, "the Triton masked-CE kernel is not available in this build"
-    return {"triton": (ok, why), "ref": (True, "")}
+    return {"triton": _be.triton_kernel_status("masked_ce"), "ref": (True, "")}

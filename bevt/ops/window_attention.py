@@ -232,35 +232,14 @@ def can_run_ref(*args, raise_error: bool = False, **kwargs) -> bool:
 
 def _triton_reasons(dtype: torch.dtype, head_dim: int, n_tokens: int, tensors: Sequence[torch.Tensor]) -> list[str]:
     caps = CAPABILITIES["triton"]
-    reasons = _be.triton_device_reasons(*tensors)
+    reasons = _be.triton_kernel_reasons("window_attention", caps, *tensors)
     if dtype not in caps.dtypes:
         reasons.append(f"dtype must be one of {caps.dtypes}, got {dtype}")
     if head_dim not in caps.extra["head_dims"]:
         reasons.append(f"head dim must be one of {caps.extra['head_dims']}, got {head_dim}")
     if n_tokens > caps.extra["max_window_tokens"]:
         reasons.append(f"window has {n_tokens} tokens, at most {caps.extra['max_window_tokens']} supported")
-    dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
-    if dev is not None and caps.min_compute_capability is not None:
-        cc = torch.cuda.get_device_capability(dev)
-        if cc < caps.min_compute_capability:
-            reasons.append(f"needs compute capability >= {caps.min_compute_capability}, device has {cc}")
-    if not _triton_kernel_importable():
-        reasons.append("the Triton window-attention kernel is not available in this build")
-    elif _be.triton_interpreting() and any(t.device.type == "cpu" for t in tensors):
-        from bevt.kernels import window_attention as _k
-
-        if not _k.interpreter_ready():
-            reasons.append("TRITON_INTERPRET=1 was set after triton was imported in compiled mode: set it before "
-                           "the first import of triton to run the kernels on the CPU")
     return reasons
-
-
-def _triton_kernel_importable() -> bool:
-    try:
-        from bevt.kernels import window_attention as _k  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def can_run_triton(q: torch.Tensor, bias_table: torch.Tensor, *, window_size: Sequence[int],
@@ -378,7 +357,4 @@ def window_attention_tokens(qkv: torch.Tensor, bias_table: torch.Tensor, *, wind
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     """Environment-level availability of each backend (for ``bevt info``)."""
-    ok, why = _be.triton_status()
-    if ok and not _triton_kernel_importable():
-        ok, why = False, "the Triton window-attention kernel is not available in this build"
-    return {"triton": (ok, why), "ref": (True, "")}
+    return {"triton": _be.triton_kernel_status("window_attention"), "ref": (True, "")}
