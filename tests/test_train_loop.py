@@ -156,14 +156,15 @@ def test_one_non_finite_interval_with_finite_parameters_is_survived(tmp_path):
 def test_cli_reports_a_diverged_run_with_exit_code_1(capsys):
     from types import SimpleNamespace
 
+    from bevt.recipes import RECIPES
     from bevt.train.loop import TrainingDiverged
     from bevt.train.pretrain import run_job
 
     def job(cfg, resume):
         raise TrainingDiverged("training diverged by step 7 (loss=nan): ...")
 
-    args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None)
-    assert run_job("bevt pretrain", lambda recipe, overrides: object(), job, args) == 1
+    args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None, list_recipes=False)
+    assert run_job("bevt pretrain", RECIPES, job, args) == 1
     assert "bevt pretrain: training diverged by step 7" in capsys.readouterr().err
 
 
