@@ -285,6 +285,35 @@ def test_resume_is_exact_with_augmentation_and_ema(tiny_finetune, tmp_path):
         torch.testing.assert_close(ema_full[k], ema_part[k])
 
 
+def test_a_signal_stops_finetuning_without_validation_and_resume_is_exact(tiny_finetune, tmp_path, monkeypatch):
+    """SIGINT during step 2 of 4: the step finishes, a checkpoint is written, the validation that a run which
+    ends mid-epoch would get is left to the resumed run, and that run ends where an unstopped one does."""
+    import signal
+
+    from bevt.train import finetune as job
+    from bevt.train.checkpoint import read_model_weights
+
+    extra = ("optim.max_steps=4", "optim.epochs=2", "ema.enabled=true", "ema.momentum=0.1")
+    full = job.finetune(tiny_finetune(tmp_path / "full", *extra))
+    step = job.FinetuneStep.__call__
+
+    def signalled(self, batches, ctx):
+        if ctx.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, batches, ctx)
+
+    monkeypatch.setattr(job.FinetuneStep, "__call__", signalled)
+    s = job.finetune(tiny_finetune(tmp_path / "part", *extra))
+    assert (s["stopped_by"], s["steps"]) == ("SIGINT", 2) and s["checkpoint"].endswith("step_00000002")
+    assert s["val_history"] == []
+    monkeypatch.undo()
+    r = job.finetune(tiny_finetune(tmp_path / "part", *extra), resume="auto")
+    assert r["steps"] == 4 and r["stopped_by"] is None and r["val_history"]
+    a, b = read_model_weights(full["checkpoint"]), read_model_weights(r["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert r["val_top1"] == full["val_top1"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_run_matches_eager_run(tiny_finetune, tmp_path):
     """Fine-tuning replayed from CUDA graphs (augmentation outside the graph, EMA and a validation between

@@ -2,13 +2,16 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from bevt.config import ConfigError
+from bevt.recipes import RECIPES
 from bevt.train.pretrain import build_config, pretrain
 
 TINY = [
@@ -305,3 +308,172 @@ def test_tokenizer_train_cli(synth_dataset, tmp_path):
     assert load_tokenizer(str(out)).vocab_size == 16
     assert main(args) == 2  # refuses to overwrite
     assert main(args[:3] + ["bad.pt"] + args[4:]) == 2
+
+
+# ---------------------------------------------------------------------------------- stopping on a signal
+def test_a_signal_stops_the_run_after_its_step_and_resume_is_exact(synth_dataset, tokenizer_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) during step 4: the step finishes, its metrics are logged although
+    it is no log step, a checkpoint of step 4 is written, the handlers are given back, and --resume auto
+    ends with the same weights as a run that was never stopped."""
+    from bevt.train import pretrain as job
+    from bevt.train.checkpoint import read_model_weights
+
+    extra = ("optim.max_steps=6", "run.log_every=5")
+    full = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "full", *extra))
+    step = job.PretrainStep.__call__
+
+    def signalled(self, batches, ctx):
+        if ctx.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the step's work
+        return step(self, batches, ctx)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(job.PretrainStep, "__call__", signalled)
+    capsys.readouterr()
+    s = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "part", *extra))
+    err = capsys.readouterr().err
+    assert (s["stopped_by"], s["stop_signal"], s["steps"]) == ("SIGTERM", signal.SIGTERM, 4)
+    assert s["checkpoint"].endswith("step_00000004")
+    assert "SIGTERM received; stopping after this step" in err
+    assert "bevt pretrain: stopped by SIGTERM at step 4 of 6" in err and "--resume auto" in err
+    assert sorted(losses(tmp_path / "part")) == [4]  # log_every=5: the stop wrote its own row
+    assert signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.undo()
+    r = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "part", *extra), resume="auto")
+    assert r["steps"] == 6 and r["stopped_by"] is None
+    a, b = read_model_weights(full["checkpoint"]), read_model_weights(r["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_signal_stops_at_once_in_one_process_and_is_ignored_under_torchrun(capsys):
+    from bevt.train.distributed import DistInfo
+    from bevt.train.loop import StopRequests
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with StopRequests(DistInfo()) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.received == signal.SIGINT  # asked, not interrupted
+            os.kill(os.getpid(), signal.SIGINT)  # again: the previous handler (KeyboardInterrupt) runs
+            for _ in range(100):  # the handler runs between bytecodes; give it some
+                pass
+    assert signal.getsignal(signal.SIGINT) == before
+    with StopRequests(DistInfo(rank=1, world_size=2)) as stop:
+        for _ in range(2):  # the launcher forwards what its process group already got: one request
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+    assert "rank 1: stopping at the next log step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_run_job_exit_code_of_a_stopped_run():
+    from types import SimpleNamespace
+
+    from bevt.train.pretrain import run_job
+
+    args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None, list_recipes=False)
+    for stopped_by, sig, code in (("SIGINT", 2, 130), ("SIGTERM", 15, 143), ("a signal to another process", 0, 143)):
+        assert run_job("bevt pretrain", RECIPES, lambda cfg, resume: {"stopped_by": stopped_by, "stop_signal": sig},
+                       args) == code
+    assert run_job("bevt pretrain", RECIPES, lambda cfg, resume: {"stopped_by": None}, args) == 0
+
+
+def _start_and_signal(args: list[str], run_dir, sig: signal.Signals, *, one_worker: bool = False,
+                      timeout: float = 300):
+    """Start a job in its own process group, wait for its first metrics row, then send ``sig`` to the whole
+    group (as Ctrl-C in a terminal or a scheduler does), or to one training process of a torchrun job only.
+    Returns the finished process and its stderr."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run ended or hung before its first step: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    if one_worker:  # torchrun's children that run bevt (Linux /proc)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        workers = []
+        for pid in children:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"bevt.cli" in f.read():
+                    workers.append(pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], sig)
+    else:
+        os.killpg(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, err
+
+
+def _cli_args(synth_dataset, tokenizer_file, run_dir, *extra, launcher=()):
+    args = [sys.executable, *launcher, "-m", "bevt.cli", "pretrain"]
+    for ov in TINY + [f"data.root={synth_dataset.root}", f"tokenizer.path={tokenizer_file}", f"run.out_dir={run_dir}",
+                      "run.device=cpu", "optim.epochs=50", *extra]:
+        args += ["--set", ov]
+    return args
+
+
+def _checkpoint_state(run, step: int) -> dict:
+    return torch.load(os.path.join(run, "checkpoints", f"step_{step:08d}", "trainer.pt"), weights_only=True)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_goes_on(synth_dataset, tokenizer_file, tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the job and its loader workers): exit code 130 after the checkpoint of
+    the step it stopped at, and --resume auto goes on from that step."""
+    run = tmp_path / "run"
+    proc, err = _start_and_signal(_cli_args(synth_dataset, tokenizer_file, run, "data.num_workers=1"), run,
+                                  signal.SIGINT)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by SIGINT at step" in err, err[-3000:]
+    stopped_at = max(losses(run))
+    assert _checkpoint_state(run, stopped_at)["step"] == stopped_at
+    r = subprocess.run(_cli_args(synth_dataset, tokenizer_file, run, f"optim.max_steps={stopped_at + 2}") +
+                       ["--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {os.path.join(run, 'checkpoints', f'step_{stopped_at:08d}')}" in r.stderr
+    assert max(losses(run)) == stopped_at + 2
+
+
+_TORCHRUN = ("-m", "torch.distributed.run", "--nproc_per_node=2")
+
+
+def test_sigterm_to_a_torchrun_job_stops_every_process_at_one_log_step(synth_dataset, tokenizer_file, tmp_path):
+    """A scheduler's SIGTERM reaches every process of a torchrun job, the loader workers included, and each
+    training process gets it again from the launcher. They go on to the next log step, agree there, write one
+    checkpoint and exit. With 8 steps per epoch and run.log_every=16, the signal comes after the first row
+    (step 8, an epoch's end) and the run stops at step 16: 8 more steps of batches from loader workers that
+    must still be serving."""
+    run = tmp_path / "run"
+    args = _cli_args(synth_dataset, tokenizer_file, run, "data.video_batch=1", "data.image_batch=1",
+                     "data.num_workers=1", "run.log_every=16", "optim.epochs=12",
+                     launcher=_TORCHRUN + ("--master_port=29536",))
+    proc, err = _start_and_signal(args, run, signal.SIGTERM)
+    assert proc.returncode != 0  # torchrun reports that it was signalled
+    assert "stopped by SIGTERM at step" in err and "exited unexpectedly" not in err, err[-3000:]
+    stopped_at = max(losses(run))
+    assert stopped_at == 16
+    st = _checkpoint_state(run, stopped_at)
+    assert st["step"] == stopped_at and st["world_size"] == 2 and len(st["rng"]) == 2
+
+
+def test_sigterm_to_one_torchrun_process_stops_both(synth_dataset, tokenizer_file, tmp_path):
+    """Only one process gets the signal: the other learns it through the metrics' all-reduce at the next
+    log step, and both stop there with one checkpoint (else one would wait forever in a collective)."""
+    run = tmp_path / "run"
+    args = _cli_args(synth_dataset, tokenizer_file, run, "data.video_batch=1", "data.image_batch=1",
+                     "run.log_every=3", launcher=_TORCHRUN + ("--master_port=29537",))
+    proc, err = _start_and_signal(args, run, signal.SIGTERM, one_worker=True)
+    assert proc.returncode != 0
+    assert "SIGTERM received; rank" in err and "bevt pretrain: stopped by" in err, err[-3000:]
+    stopped_at = max(losses(run))
+    assert stopped_at > 3 and (stopped_at % 3 == 0 or stopped_at % 8 == 0)  # a log step after the first
+    st = _checkpoint_state(run, stopped_at)
+    assert st["step"] == stopped_at and st["world_size"] == 2

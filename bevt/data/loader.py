@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import random
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -117,12 +120,31 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     # The datasets draw from per-sample generators; seeding the global RNGs (from the per-worker seed
     # that torch derives from the loader's generator) keeps any other randomness reproducible too.
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+    # Ctrl-C and a scheduler's SIGTERM reach every process of the job. The main process answers them: the
+    # training loop finishes its step and writes a checkpoint (bevt.train.loop.StopRequests), and under
+    # torchrun that takes up to run.log_every more steps. A worker that died of the signal first would break
+    # that ("worker exited unexpectedly"), so a worker ignores SIGINT and keeps serving for
+    # WORKER_SIGTERM_GRACE_S after a SIGTERM. It ends sooner when the loader closes (torch sends it a stop
+    # message); the grace also bounds the wait of a process that exits without closing its loaders
+    # (multiprocessing terminates its workers with SIGTERM, then joins them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+WORKER_SIGTERM_GRACE_S = 30.0
+
+
+def _worker_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one countdown
+    timer = threading.Timer(WORKER_SIGTERM_GRACE_S, os._exit, args=(128 + signal.SIGTERM,))
+    timer.daemon = True
+    timer.start()
 
 
 class _EpochBatchSampler:
@@ -201,7 +223,7 @@ class TorchLoader(Loader):
         kwargs = {}
         if num_workers > 0:
             kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
-                          multiprocessing_context=multiprocessing_context, worker_init_fn=_seed_worker)
+                          multiprocessing_context=multiprocessing_context, worker_init_fn=_init_worker)
         self._dl = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._sampler, num_workers=num_workers, collate_fn=collate,
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(self.seed), **kwargs)

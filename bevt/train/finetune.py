@@ -589,7 +589,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import data_path, preflight, setup_runtime, wrap_model
+    from bevt.train.pretrain import data_path, preflight, setup_runtime, summary_title, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders = {}
@@ -666,7 +666,8 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg), ema=ema, on_epoch_end=validation)
         trainer.resume_as_asked(resume)
         result = trainer.fit()
-        if validation is not None and (not validation.history or validation.history[-1]["step"] != trainer.state.step):
+        if (validation is not None and not result["stopped_by"]  # a stopped run exits now; validation waits
+                and (not validation.history or validation.history[-1]["step"] != trainer.state.step)):
             validation.run(trainer.state.epoch, trainer.state.step)  # the run stopped mid-epoch (max_steps)
         skipped = sorted(set(loaders["video"].skipped_files) | set(val_loader.skipped_files if val_loader else ()))
         history = validation.history if validation is not None else []
@@ -677,7 +678,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                        val_top1=history[-1]["val_top1"] if history else None,
                        val_top5=history[-1]["val_top5"] if history else None)
         if dist.is_main:
-            print(format_summary("bevt finetune: done", summary_rows(summary)), file=sys.stderr)
+            print(format_summary(summary_title("bevt finetune", summary), summary_rows(summary)), file=sys.stderr)
         return summary
     finally:
         for loader in list(loaders.values()) + ([val_loader] if val_loader is not None else []):

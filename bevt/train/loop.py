@@ -10,13 +10,19 @@ metrics are reduced and read once, and at checkpoints. Everything else stays que
 Divergence fails clearly (:class:`TrainingDiverged`): a non-finite logged loss with non-finite parameters
 (or a loss non-finite for several log intervals) stops the run, and no checkpoint is written from
 non-finite parameters, so the last good one stays the latest.
+
+Ctrl-C or SIGTERM (a cluster's preemption) stops the run cleanly (:class:`StopRequests`): the step finishes,
+a checkpoint is written, and ``--resume auto`` continues exactly from it. One process stops after the step
+it is in; several stop together at the next log step, where the request rides in the metrics' all-reduce.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -86,6 +92,52 @@ class LoopState:
     metric_history: list = field(default_factory=list)
 
 
+class StopRequests:
+    """While active (``with``), SIGINT and SIGTERM ask the loop to stop after the current step instead of
+    killing the process; :attr:`received` is the first one.
+
+    A second signal, in a single process, restores the handlers that were there before and delivers itself
+    again, so a second Ctrl-C stops at once (KeyboardInterrupt). Under torchrun a second signal is expected and
+    ignored: the launcher forwards to its workers the signal that its process group already received, then
+    kills them after its shutdown timeout (30 s by default), which is the way to stop at once there. Only the
+    main thread can install signal handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, dist: DistInfo):
+        self.dist = dist
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            if not self.dist.enabled:
+                self._restore()
+                signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum)
+        if self.dist.enabled:
+            what = (f"rank {self.dist.rank}: stopping at the next log step with the other processes and writing a "
+                    f"checkpoint")
+        else:
+            what = "stopping after this step and writing a checkpoint (send it again to stop at once, without one)"
+        print(f"\nbevt: {self.received.name} received; {what}", file=sys.stderr, flush=True)
+
+
 class Trainer:
     def __init__(self, *, model: nn.Module, compute: Compute, loaders: dict, main_loader: str,
                  optimizer: torch.optim.Optimizer, schedule: CosineSchedule, cfg: LoopConfig, device: torch.device,
@@ -102,6 +154,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self._iters: dict[str, Iterator] = {}
         self.last_checkpoint: str | None = None
+        self._saved_step = -1
         self._nonfinite_intervals = 0
 
     # ------------------------------------------------------------------ state
@@ -154,7 +207,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.run_dir, self.state.step, model=self.model, trainer_state=state,
                                         config=self.config_dict, keep_last=self.cfg.keep_last)
         barrier(self.dist)
-        self.last_checkpoint = path
+        self.last_checkpoint, self._saved_step = path, self.state.step
         return path
 
     def _check_finite(self, row: dict) -> None:
@@ -221,81 +274,95 @@ class Trainer:
         last: dict[str, float] = {}
         peak_mem = 0.0
         self._start_epoch(st.epoch)
+        stopped_by: str | None = None  # why the run stopped before total_steps
         try:
-            while st.step < cfg.total_steps:
-                lr = self.schedule.apply(st.step)
-                for micro in range(cfg.accum_steps):
-                    t_wait = time.perf_counter()
-                    batches = {name: self._next(name) for name in self.loaders}
-                    wait_s += time.perf_counter() - t_wait
-                    ctx = StepContext(st.step, micro, cfg.accum_steps, st.epoch, self.device, self.dist, cfg.seed)
-                    sync = (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or not self.dist.enabled
-                            else self.model.no_sync())
-                    with sync:
-                        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                            enabled=self.amp_dtype is not None):
-                            loss, metrics, n = self.compute(batches, ctx)
-                        self.scaler.scale(loss / cfg.accum_steps).backward()
-                    for k, v in metrics.items():
-                        sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-                    for k, v in n.items():
-                        counts[k] = counts.get(k, 0) + v
-                    n_micro += 1
-                if isinstance(self.model, AllReduceParallel):  # DDP averaged during the backward already
-                    self.model.sync_grads()
-                if cfg.clip_grad > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                    sums["grad_norm"] = sums.get("grad_norm", 0) + gnorm.detach().float() * cfg.accum_steps
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model, st.step)
-                st.step += 1
-                st.step_in_epoch += 1
-                log.advance()
-                end_of_epoch = st.step_in_epoch >= cfg.steps_per_epoch
-                if st.step % cfg.log_every == 0 or st.step == cfg.total_steps or end_of_epoch:
-                    # the loop's one host sync: reduce and read the accumulated device metrics
-                    keys = sorted(sums)
-                    vals = all_reduce_mean(torch.stack([sums[k] for k in keys]) / n_micro, self.dist).tolist()
-                    now = time.perf_counter()
-                    row = dict(zip(keys, vals))
-                    row.update(epoch=st.epoch, lr=lr)
-                    dt = now - t_log
-                    for k, v in counts.items():
-                        row[f"{k}_per_s"] = v * self.dist.world_size / max(dt, 1e-9)
-                    row["data_wait_pct"] = 100.0 * wait_s / max(dt, 1e-9)
-                    wait_total += wait_s
-                    if self.device.type == "cuda":
-                        mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-                        peak_mem = max(peak_mem, mem)
-                        row["mem_gb"] = mem
-                    log.log(st.step, row, cfg.bar_keys)
-                    self._check_finite(row)
-                    first = first or row
-                    last = row
-                    sums, counts, n_micro, t_log, wait_s = {}, {}, 0, now, 0.0
-                if end_of_epoch:
-                    st.epoch += 1
-                    st.step_in_epoch = 0
-                    if self.on_epoch_end is not None:
-                        extra = self.on_epoch_end(st.epoch, self)
-                        if extra:
-                            log.log(st.step, extra, tuple(extra))
-                    if cfg.ckpt_every == 0 and st.step < cfg.total_steps:
+            with StopRequests(self.dist) as stop:
+                while st.step < cfg.total_steps:
+                    lr = self.schedule.apply(st.step)
+                    for micro in range(cfg.accum_steps):
+                        t_wait = time.perf_counter()
+                        batches = {name: self._next(name) for name in self.loaders}
+                        wait_s += time.perf_counter() - t_wait
+                        ctx = StepContext(st.step, micro, cfg.accum_steps, st.epoch, self.device, self.dist, cfg.seed)
+                        sync = (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or not self.dist.enabled
+                                else self.model.no_sync())
+                        with sync:
+                            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                enabled=self.amp_dtype is not None):
+                                loss, metrics, n = self.compute(batches, ctx)
+                            self.scaler.scale(loss / cfg.accum_steps).backward()
+                        for k, v in metrics.items():
+                            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+                        for k, v in n.items():
+                            counts[k] = counts.get(k, 0) + v
+                        n_micro += 1
+                    if isinstance(self.model, AllReduceParallel):  # DDP averaged during the backward already
+                        self.model.sync_grads()
+                    if cfg.clip_grad > 0:
+                        self.scaler.unscale_(self.optimizer)
+                        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                        sums["grad_norm"] = sums.get("grad_norm", 0) + gnorm.detach().float() * cfg.accum_steps
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update(self.model, st.step)
+                    st.step += 1
+                    st.step_in_epoch += 1
+                    log.advance()
+                    end_of_epoch = st.step_in_epoch >= cfg.steps_per_epoch
+                    # one process stops right after the step a signal arrived in; several agree at a log step
+                    stop_now = stop.received is not None and not self.dist.enabled
+                    if st.step % cfg.log_every == 0 or st.step == cfg.total_steps or end_of_epoch or stop_now:
+                        # the loop's one host sync: reduce and read the accumulated device metrics, and whether
+                        # any process was asked to stop
+                        keys = sorted(sums)
+                        local = torch.stack([sums[k] for k in keys]) / n_micro
+                        asked = torch.tensor([float(stop.received is not None)], device=local.device)
+                        vals = all_reduce_mean(torch.cat([local, asked]), self.dist).tolist()
+                        stop_now = vals.pop() > 0
+                        now = time.perf_counter()
+                        row = dict(zip(keys, vals))
+                        row.update(epoch=st.epoch, lr=lr)
+                        dt = now - t_log
+                        for k, v in counts.items():
+                            row[f"{k}_per_s"] = v * self.dist.world_size / max(dt, 1e-9)
+                        row["data_wait_pct"] = 100.0 * wait_s / max(dt, 1e-9)
+                        wait_total += wait_s
+                        if self.device.type == "cuda":
+                            mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                            peak_mem = max(peak_mem, mem)
+                            row["mem_gb"] = mem
+                        log.log(st.step, row, cfg.bar_keys)
+                        self._check_finite(row)
+                        first = first or row
+                        last = row
+                        sums, counts, n_micro, t_log, wait_s = {}, {}, 0, now, 0.0
+                    if end_of_epoch:
+                        st.epoch += 1
+                        st.step_in_epoch = 0
+                        if self.on_epoch_end is not None and not stop_now:
+                            extra = self.on_epoch_end(st.epoch, self)
+                            if extra:
+                                log.log(st.step, extra, tuple(extra))
+                        if cfg.ckpt_every == 0 and st.step < cfg.total_steps:
+                            self.save()
+                        self._start_epoch(st.epoch)
+                    if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < cfg.total_steps:
                         self.save()
-                    self._start_epoch(st.epoch)
-                if cfg.ckpt_every and st.step % cfg.ckpt_every == 0 and st.step < cfg.total_steps:
+                    if stop_now and st.step < cfg.total_steps:
+                        stopped_by = (stop.received.name if stop.received is not None
+                                      else "a signal to another process")
+                        break
+                if self._saved_step != st.step:
                     self.save()
-            self.save()
         finally:
             log.close()
         elapsed = time.perf_counter() - t0
         return {"steps": st.step, "epochs": st.epoch, "elapsed_s": elapsed, "first": first or {}, "last": last,
                 "peak_mem_gb": peak_mem, "data_wait_pct": 100.0 * wait_total / max(elapsed, 1e-9),
-                "checkpoint": self.last_checkpoint}
+                "checkpoint": self.last_checkpoint, "total_steps": cfg.total_steps, "stopped_by": stopped_by,
+                "stop_signal": int(stop.received) if stopped_by and stop.received is not None else 0}
 
 
 def _parameters_finite(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import signal
 import sys
 
 import numpy as np
@@ -348,12 +349,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     from bevt.train.optim import CosineSchedule, build_optimizer, param_groups
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
+    loaders = {}
     try:
         preflight(cfg.run, device, dist, resume)
         ensure_dataset(cfg, dist)
         tokenizer = ensure_tokenizer(cfg, device, dist)
         d, o = cfg.data, cfg.optim
-        loaders = {}
         common = dict(mode="pretrain", decoder=d.decoder, num_workers=d.num_workers, seed=cfg.run.seed,
                       rank=dist.rank, world_size=dist.world_size, crop=d.crop_size, scale=tuple(d.scale_range),
                       tok_size=d.tok_size)
@@ -401,15 +402,15 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
         trainer.resume_as_asked(resume)
         result = trainer.fit()
         skipped = sorted(set().union(*[set(l.skipped_files) for l in loaders.values()]))
-        for loader in loaders.values():
-            loader.close()
         summary = dict(result, run_dir=run_dir, recipe=cfg.recipe, model=cfg.model.name, mode=cfg.model.mode,
                        device=str(device), world_size=dist.world_size, amp=amp, backends=describe_backends(device),
                        skipped_files=skipped, init_notes=notes, steps_per_epoch=steps_per_epoch)
         if dist.is_main:
-            print(format_summary("bevt pretrain: done", summary_rows(summary)), file=sys.stderr)
+            print(format_summary(summary_title("bevt pretrain", summary), summary_rows(summary)), file=sys.stderr)
         return summary
     finally:
+        for loader in loaders.values():  # also when the run failed: its workers end now, not at exit
+            loader.close()
         cleanup(dist)
 
 
@@ -431,9 +432,15 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
     return rows + closing_rows(s)
 
 
+def summary_title(command: str, s: dict) -> str:
+    if s.get("stopped_by"):
+        return f"{command}: stopped by {s['stopped_by']} at step {s['steps']} of {s['total_steps']}"
+    return f"{command}: done"
+
+
 def closing_rows(s: dict) -> list[tuple[str, object]]:
     """The last summary rows of any training run (pretraining, fine-tuning): memory, skipped files,
-    checkpoint."""
+    checkpoint, and how to continue a run that was stopped."""
     rows = []
     if "data_wait_pct" in s:  # host time blocked on the training loaders, as a share of the whole run
         rows.append(("waiting for data", f"{s['data_wait_pct']:.1f} % of the run"))
@@ -442,6 +449,8 @@ def closing_rows(s: dict) -> list[tuple[str, object]]:
     sk = s.get("skipped_files", [])
     rows.append(("skipped files", f"{len(sk)}" + (": " + ", ".join(sk[:5]) + (" ..." if len(sk) > 5 else "") if sk else "")))
     rows.append(("checkpoint", s.get("checkpoint")))
+    if s.get("stopped_by"):
+        rows.append(("to continue", "the same command with --resume auto"))
     return rows
 
 
@@ -466,7 +475,8 @@ def print_recipes(recipes: Recipes) -> None:
 
 def run_job(command: str, recipes: Recipes, job, args) -> int:
     """List the recipes, or build the config from ``args`` and print it or run ``job(cfg, resume=...)``;
-    bad input -> message, exit 2; a diverged run -> message, exit 1."""
+    bad input -> message, exit 2; a diverged run -> message, exit 1; a run stopped by a signal after writing
+    its checkpoint -> 128 + the signal's number, as a shell reports a process the signal ended (130: Ctrl-C)."""
     if args.list_recipes:
         print_recipes(recipes)
         return 0
@@ -481,13 +491,15 @@ def run_job(command: str, recipes: Recipes, job, args) -> int:
         print(to_json(cfg))
         return 0
     try:
-        job(cfg, resume=args.resume)
+        summary = job(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 1
+    if summary.get("stopped_by"):
+        return 128 + (summary["stop_signal"] or signal.SIGTERM)
     return 0
 
 
