@@ -91,6 +91,33 @@ def test_corrupt_checkpoint_is_a_clear_error(synth_dataset, tokenizer_file, tmp_
     assert sorted(os.listdir(good)) == ["config.json", "model.safetensors", "trainer.pt"]  # the good one is kept
 
 
+def test_resume_into_another_model_or_world_size_is_a_clear_error(synth_dataset, tokenizer_file, tmp_path, capsys):
+    """--resume auto with a changed model: the settings that differ and the tensors that do not fit, exit 2,
+    no traceback; a checkpoint of another process count: the two numbers."""
+    from bevt.cli import main
+
+    run = tmp_path / "run"
+    pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))
+    args = ["pretrain", "--resume", "auto"]
+    for ov in TINY + [f"data.root={synth_dataset.root}", f"tokenizer.path={tokenizer_file}", f"run.out_dir={run}",
+                      "optim.max_steps=2", "model.name=videoswin_nano_patch244_window1677"]:
+        args += ["--set", ov]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "its weights do not fit this run's model" in err and "differ in shape" in err, err
+    assert ("model.name: 'videoswin_nano_patch244_window877' there, 'videoswin_nano_patch244_window1677' here"
+            in err), err
+    assert "Traceback" not in err and "model.init_from=" in err
+
+    latest = os.path.join(run, "checkpoints", "step_00000001")
+    st = torch.load(os.path.join(latest, "trainer.pt"), weights_only=True)
+    st["world_size"] = 2
+    torch.save(st, os.path.join(latest, "trainer.pt"))
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 1: exact resume needs the same"):
+        pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2"), resume="auto")
+
+
 @pytest.mark.parametrize("data_parallel,port", [("ddp", 29533), ("allreduce", 29534)])
 def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path, data_parallel, port):
     """2 gloo processes x 1 clip + 1 image each == 1 process x 2 + 2 (same global batch and masks), with

@@ -149,3 +149,53 @@ def read_model_weights(path: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
+
+
+def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict) -> None:
+    """Load a checkpoint's weights into the model of the run that resumes it; when they do not fit, a
+    ValueError that names the settings that differ between the checkpoint's run and this one (its
+    ``config.json``) and the tensors that do not fit, instead of torch's page of key names."""
+    weights = read_model_weights(ckpt_dir)
+    target = unwrap_model(model)
+    try:
+        target.load_state_dict(weights)
+        return
+    except RuntimeError:
+        pass
+    own = target.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [f"{k} {tuple(weights[k].shape)} -> {tuple(v.shape)}" for k, v in own.items()
+                if k in weights and weights[k].shape != v.shape]
+    parts = []
+    for what, names in (("differ in shape", reshaped), ("are missing from it", missing),
+                        ("are not in this model", unexpected)):
+        if names:
+            parts.append(f"{len(names)} {what} (e.g. {', '.join(names[:3])})")
+    settings = ""
+    try:
+        with open(os.path.join(ckpt_dir, "config.json")) as f:
+            saved = json.load(f)
+        diffs = [f"{k}: {a!r} there, {b!r} here" for k, (a, b) in _config_differences(saved, run_config).items()
+                 if k.split(".")[0] in ("model", "tokenizer")]
+        if diffs:
+            settings = "; its settings differ from this run's: " + "; ".join(diffs[:6])
+    except (OSError, ValueError):
+        pass
+    raise ValueError(f"--resume {ckpt_dir}: its weights do not fit this run's model: tensors "
+                     f"{'; '.join(parts)}{settings}. Resume with the settings of that run (its config.json), or start "
+                     f"a new run (another run.out_dir, or without --resume); model.init_from={ckpt_dir} starts one "
+                     f"from its weights")
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
+    """Dotted keys whose values differ between two config dicts (a key only one has counts too)."""
+    out = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(_config_differences(va, vb, name + "."))
+        elif va != vb:
+            out[name] = (va, vb)
+    return out

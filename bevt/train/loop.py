@@ -183,14 +183,17 @@ class Trainer:
         """Continue exactly where the checkpoint left off (model, optimizer, scaler, data, RNG)."""
         st = ckpt.load_trainer_state(ckpt_dir)
         if st.get("world_size", 1) != self.dist.world_size:
-            raise RuntimeError(f"{ckpt_dir} was written by {st.get('world_size')} processes, this run has "
-                               f"{self.dist.world_size}: exact resume needs the same number")
-        ckpt.unwrap_model(self.model).load_state_dict(ckpt.read_model_weights(ckpt_dir))
+            raise ValueError(f"--resume {ckpt_dir}: it was written by {st.get('world_size')} processes, this run has "
+                             f"{self.dist.world_size}: exact resume needs the same number (the data order and every "
+                             f"rank's RNG state depend on it); model.init_from={ckpt_dir} starts a new run from its "
+                             f"weights")
+        ckpt.load_resumed_weights(self.model, ckpt_dir, self.config_dict)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         for k, v in self.loaders.items():
             if k not in st["loaders"]:
-                raise RuntimeError(f"{ckpt_dir} has no state for the {k!r} loader")
+                raise ValueError(f"--resume {ckpt_dir}: it has no state for the {k!r} loader (a run of another "
+                                 f"model.mode?); exact resume needs the loaders that run had")
             v.load_state_dict(st["loaders"][k])
         if self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
