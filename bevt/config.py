@@ -455,7 +455,3 @@ def save_json(cfg, path: str) -> None:
     with open(path, "w") as f:
         f.write(to_json(cfg) + "\n")
 
-
-def load_json(cls, path: str):
-    with open(path) as f:
-        return from_dict(cls, json.load(f))

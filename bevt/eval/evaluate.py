@@ -163,7 +163,8 @@ def predict(model, loader, *, device: torch.device, amp: str = "off", transforms
 def config_for(checkpoint: str, recipe: str | None = None, overrides: list[str] | None = None):
     """The FinetuneConfig to evaluate ``checkpoint`` with: the one saved with it, or a named recipe's."""
     from bevt.config import apply_overrides, from_dict
-    from bevt.train.finetune import FinetuneConfig, build_config, checkpoint_config, resolve_checkpoint
+    from bevt.train.checkpoint import checkpoint_config
+    from bevt.train.finetune import FinetuneConfig, build_config, resolve_checkpoint
 
     overrides = list(overrides or [])
     if recipe:

@@ -187,7 +187,8 @@ def export_image_backbone(checkpoint: str, path: str) -> str:
     from bevt.models.inflate import unwrap_state_dict
     from bevt.models.registry import model_config
     from bevt.train.checkpoint import read_model_weights
-    from bevt.train.finetune import checkpoint_config, image_stream_as_2d, resolve_checkpoint
+    from bevt.train.checkpoint import checkpoint_config
+    from bevt.train.finetune import image_stream_as_2d, resolve_checkpoint
 
     ck = resolve_checkpoint(checkpoint)
     raw = read_model_weights(ck)

@@ -321,10 +321,6 @@ class VideoSwinTransformer(nn.Module):
             return self.head(self.head_drop(pooled))
         return pooled
 
-    def no_weight_decay_keys(self) -> tuple[str, ...]:
-        """Name substrings that get no weight decay in pretraining (official custom_keys)."""
-        return ("absolute_pos_embed", "relative_position_bias_table", "norm")
-
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     """``torch.compile`` every Swin block and patch merging of ``model`` in place; returns how many.

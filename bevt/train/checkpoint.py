@@ -112,6 +112,16 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
     return resume
 
 
+def checkpoint_config(path: str) -> dict | None:
+    """The config saved with a bevt checkpoint (folder or its model.safetensors), or None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            return json.load(f)
+    return None
+
+
 def load_trainer_state(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, "trainer.pt")
     try:
@@ -174,14 +184,13 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
             parts.append(f"{len(names)} {what} (e.g. {', '.join(names[:3])})")
     settings = ""
     try:
-        with open(os.path.join(ckpt_dir, "config.json")) as f:
-            saved = json.load(f)
-        diffs = [f"{k}: {a!r} there, {b!r} here" for k, (a, b) in _config_differences(saved, run_config).items()
-                 if k.split(".")[0] in ("model", "tokenizer")]
-        if diffs:
-            settings = "; its settings differ from this run's: " + "; ".join(diffs[:6])
-    except (OSError, ValueError):
-        pass
+        saved = checkpoint_config(ckpt_dir) or {}
+    except (OSError, ValueError):  # an unreadable config.json: the tensors still say what does not fit
+        saved = {}
+    diffs = [f"{k}: {a!r} there, {b!r} here" for k, (a, b) in _config_differences(saved, run_config).items()
+             if saved and k.split(".")[0] in ("model", "tokenizer")]
+    if diffs:
+        settings = "; its settings differ from this run's: " + "; ".join(diffs[:6])
     raise ValueError(f"--resume {ckpt_dir}: its weights do not fit this run's model: tensors "
                      f"{'; '.join(parts)}{settings}. Resume with the settings of that run (its config.json), or start "
                      f"a new run (another run.out_dir, or without --resume); model.init_from={ckpt_dir} starts one "

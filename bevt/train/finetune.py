@@ -14,7 +14,6 @@ as the official ``inflate_weights``), an official BEVT / Video Swin checkpoint, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -365,16 +364,6 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def checkpoint_config(path: str) -> dict | None:
-    """The config saved with a bevt checkpoint (folder or its model.safetensors), or None."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    cfg_path = os.path.join(folder, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            return json.load(f)
-    return None
-
-
 def image_stream_as_2d(sd: dict[str, torch.Tensor], src_window: tuple[int, int, int] | None,
                        spatial: tuple[int, int]) -> dict[str, torch.Tensor] | None:
     """An image-only (BEVT-I) backbone state dict in the 2D Swin checkpoint format, or None if not image-only.
@@ -408,7 +397,7 @@ def load_init(model, path: str, *, pretrained_window=(0, 0, 0)) -> list[str]:
     """
     from bevt.models.inflate import adapt_state_dict, unwrap_state_dict
     from bevt.models.registry import model_config
-    from bevt.train.checkpoint import read_model_weights
+    from bevt.train.checkpoint import checkpoint_config, read_model_weights
 
     path = resolve_checkpoint(path)
     sd = unwrap_state_dict(read_model_weights(path))
