@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, help); nested groups are dicts
 COMMANDS: dict[str, object] = {
@@ -41,9 +42,27 @@ def _usage(prefix: str, tree: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_bevt_warnings() -> None:
+    """Print bevt's own warnings (a skipped file, a batch run eagerly, ...) as one ``bevt: ...`` line instead of
+    Python's file:line form, whose source line is often torch's (a loader worker) and says nothing. Loader
+    workers forked from here inherit it."""
+    if getattr(warnings.formatwarning, "_bevt", False):
+        return
+    plain = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("bevt."):
+            return f"bevt: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    formatwarning._bevt = True
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Find the command in argv, then import only its module (a broken optional module never breaks others)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _format_bevt_warnings()
     tree, prefix = COMMANDS, "bevt"
     while True:
         if not argv or argv[0] in ("-h", "--help"):

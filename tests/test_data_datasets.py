@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from bevt.data.datasets import (AnnotationError, ImageDataset, Sample, SkippedFileWarning, VideoClipDataset,
-                                read_annotation_list, scan_folder)
+from bevt.data.datasets import (AnnotationError, BrokenDatasetError, ImageDataset, Sample, SkippedFileWarning,
+                                VideoClipDataset, read_annotation_list, scan_folder)
 
 # Small sizes keep the tests fast; the recipe's sizes are only parameters.
 VIDEO_KW = dict(clip_len=4, interval=4, scale=(64, 72), crop=56, tok_size=28)
@@ -141,7 +141,7 @@ def test_broken_files_are_skipped_with_one_warning_each(broken_videos):
 def test_all_broken_gives_a_clear_error(tmp_path):
     items = [Sample(str(tmp_path / f"missing{i}.mp4"), 0) for i in range(3)]
     ds = VideoClipDataset(items, **VIDEO_KW)
-    with pytest.warns(SkippedFileWarning), pytest.raises(RuntimeError, match="3 files in a row"):
+    with pytest.warns(SkippedFileWarning), pytest.raises(BrokenDatasetError, match="^3 files in a row"):
         ds[(0, 0)]
 
 

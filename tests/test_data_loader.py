@@ -135,6 +135,26 @@ def test_skipped_files_reach_the_loader_from_workers(broken_videos):
     assert fresh.skipped_files == sorted(bad)
 
 
+def test_a_broken_dataset_in_worker_processes_is_one_clear_error(tmp_path):
+    """Raised in a worker, the error reaches the caller as the same type with the worker's one-line message
+    (torch would wrap it in the worker's traceback), so the training command prints one line and exits 2."""
+    from bevt.data.datasets import BrokenDatasetError, Sample
+
+    items = []
+    for i in range(4):
+        (tmp_path / f"junk{i}.mp4").write_bytes(b"not a video" * 100)
+        items.append(Sample(str(tmp_path / f"junk{i}.mp4"), 0))
+    ds = VideoClipDataset(items, **VIDEO_KW, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedFileWarning)
+        with TorchLoader(ds, 2, num_workers=1, seed=0) as loader:
+            with pytest.raises(BrokenDatasetError) as info:
+                next(iter(loader))
+    msg = str(info.value)
+    assert msg.startswith("4 files in a row could not be read") and "junk" in msg, msg
+    assert "Traceback" not in msg and "\n" not in msg and isinstance(info.value, ValueError)
+
+
 def test_cycle_runs_epochs_endlessly(synth_dataset):
     images = ImageDataset(synth_dataset.images_list, **IMAGE_KW, seed=0)
     with TorchLoader(images, 5, seed=0) as loader:  # 16 images -> 3 batches per epoch

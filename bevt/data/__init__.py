@@ -18,7 +18,8 @@ _EXPORTS = {
     "sampling": ("train_clip_indices", "test_clip_indices", "uniform_segment_indices"),
     "transforms": ("ClipAugParams", "FinetuneAugParams", "ColorJitter", "sample_params", "apply_params",
                    "normalize", "IMAGENET_MEAN", "IMAGENET_STD"),
-    "datasets": ("Sample", "AnnotationError", "SkippedFileWarning", "read_annotation_list", "scan_folder",
+    "datasets": ("Sample", "AnnotationError", "SkippedFileWarning", "BrokenDatasetError", "read_annotation_list",
+                 "scan_folder",
                  "read_class_names", "VideoClipDataset", "ImageDataset"),
     "loader": ("Loader", "TorchLoader", "build_loader", "cycle", "collate"),
 }

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from bevt.data import transforms as T
-from bevt.data.datasets import ImageDataset, SkippedFileWarning, VideoClipDataset
+from bevt.data.datasets import BrokenDatasetError, ImageDataset, SkippedFileWarning, VideoClipDataset
 from bevt.data.loader import Loader, _EpochBatchSampler
 from bevt.data.video_io import ImageReadError, MediaReadError, probe
 
@@ -645,8 +645,8 @@ class DaliLoader(Loader):
                 continue
             args = self._plan_fn(ds, ds.rng(epoch, k), self._info[k])
             return _Planned(index=index, item=k, path=item.path, label=item.label, args=args), data
-        raise RuntimeError(f"{ds.max_skips + 1} files in a row could not be read, starting at index {index} "
-                           f"({ds.items[index].path}); the dataset looks broken (see the warnings above)")
+        raise BrokenDatasetError(f"{ds.max_skips + 1} files in a row could not be read, starting at index {index} "
+                                 f"({ds.items[index].path}); the dataset looks broken (see the warnings above)")
 
     def _plan_batch(self, epoch: int, position: int, read: bool = True) -> _Batch:
         """The batch at (epoch, position), its files' bytes read unless ``read=False``."""

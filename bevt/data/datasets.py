@@ -44,6 +44,7 @@ __all__ = [
     "Sample",
     "AnnotationError",
     "SkippedFileWarning",
+    "BrokenDatasetError",
     "read_annotation_list",
     "scan_folder",
     "read_class_names",
@@ -64,6 +65,19 @@ class AnnotationError(ValueError):
 
 class SkippedFileWarning(UserWarning):
     """A file could not be read and was replaced by another sample."""
+
+
+class BrokenDatasetError(ValueError):
+    """More files in a row could not be read than a dataset tolerates (``max_skips``): bad input, not a bug.
+
+    torch's DataLoader re-raises a worker's exception as ``type(e)(text)`` with the worker's traceback in the
+    text; the constructor keeps only the original message, so the user reads one line, not a traceback."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -212,8 +226,8 @@ class _SkippingDataset(torch.utils.data.Dataset):
             out["index"] = torch.tensor(index, dtype=torch.int64)
             out["skipped"] = skipped
             return out
-        raise RuntimeError(f"{len(skipped)} files in a row could not be read, starting at index {index} "
-                           f"({skipped[0]}); the dataset looks broken (see the warnings above)")
+        raise BrokenDatasetError(f"{len(skipped)} files in a row could not be read, starting at index {index} "
+                                 f"({skipped[0]}); the dataset looks broken (see the warnings above)")
 
     def _warn(self, path: str, reason: str) -> None:
         if path not in self._warned:
