@@ -67,6 +67,12 @@ def test_resume_is_exact(synth_dataset, tokenizer_file, tmp_path):
     assert s["steps"] == 12
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert [a[i] for i in range(1, 13)] == [b[i] for i in range(1, 13)]
+    # resumed once more, the finished run has nothing to do and writes nothing (a scheduler's next part)
+    trainer_pt = os.path.join(s["checkpoint"], "trainer.pt")
+    stamp = os.stat(trainer_pt).st_mtime_ns
+    again = pretrain(resumed, resume="auto")
+    assert again["steps"] == 12 and again["checkpoint"] == s["checkpoint"]
+    assert os.stat(trainer_pt).st_mtime_ns == stamp
 
 
 def test_corrupt_checkpoint_is_a_clear_error(synth_dataset, tokenizer_file, tmp_path):

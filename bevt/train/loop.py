@@ -199,6 +199,9 @@ class Trainer:
             self.ema.load_state_dict(st["ema"])
         ckpt.set_rng_state(st["rng"][self.dist.rank])
         self.state.step, self.state.epoch, self.state.step_in_epoch = st["step"], st["epoch"], st["step_in_epoch"]
+        if os.path.dirname(os.path.abspath(ckpt_dir)) == os.path.abspath(os.path.join(self.run_dir, "checkpoints")):
+            # this run's own checkpoint of this step exists: a finished run resumed again writes nothing
+            self.last_checkpoint, self._saved_step = ckpt_dir, self.state.step
 
     def save(self) -> str | None:
         if not _parameters_finite(self.model):  # never replace good checkpoints with a diverged model
