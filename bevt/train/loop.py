@@ -268,82 +268,27 @@ class Trainer:
         log = RunLogger(self.run_dir, total_steps=cfg.total_steps, start_step=st.step, enabled=self.dist.is_main,
                         progress=cfg.progress, tensorboard=cfg.tensorboard, desc=cfg.desc)
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        n_micro = 0
-        # host time blocked in next(loader): the step waited for data (the GPU work is asynchronous, so the
-        # host only blocks here when the loaders are behind); logged as a share of the interval's time
-        wait_s = wait_total = 0.0
-        t_log = time.perf_counter()
-        t0 = t_log
+        interval = _Interval()
+        t0 = time.perf_counter()
+        wait_total, peak_mem = 0.0, 0.0
         first: dict[str, float] | None = None
         last: dict[str, float] = {}
-        peak_mem = 0.0
-        self._start_epoch(st.epoch)
         stopped_by: str | None = None  # why the run stopped before total_steps
+        self._start_epoch(st.epoch)
         try:
             with StopRequests(self.dist) as stop:
                 while st.step < cfg.total_steps:
-                    lr = self.schedule.apply(st.step)
-                    for micro in range(cfg.accum_steps):
-                        t_wait = time.perf_counter()
-                        batches = {name: self._next(name) for name in self.loaders}
-                        wait_s += time.perf_counter() - t_wait
-                        ctx = StepContext(st.step, micro, cfg.accum_steps, st.epoch, self.device, self.dist, cfg.seed)
-                        sync = (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or not self.dist.enabled
-                                else self.model.no_sync())
-                        with sync:
-                            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                                enabled=self.amp_dtype is not None):
-                                loss, metrics, n = self.compute(batches, ctx)
-                            self.scaler.scale(loss / cfg.accum_steps).backward()
-                        for k, v in metrics.items():
-                            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-                        for k, v in n.items():
-                            counts[k] = counts.get(k, 0) + v
-                        n_micro += 1
-                    if isinstance(self.model, AllReduceParallel):  # DDP averaged during the backward already
-                        self.model.sync_grads()
-                    if cfg.clip_grad > 0:
-                        self.scaler.unscale_(self.optimizer)
-                        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                        sums["grad_norm"] = sums.get("grad_norm", 0) + gnorm.detach().float() * cfg.accum_steps
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.ema is not None:
-                        self.ema.update(self.model, st.step)
-                    st.step += 1
-                    st.step_in_epoch += 1
+                    lr = self._optimizer_step(interval)
                     log.advance()
                     end_of_epoch = st.step_in_epoch >= cfg.steps_per_epoch
                     # one process stops right after the step a signal arrived in; several agree at a log step
                     stop_now = stop.received is not None and not self.dist.enabled
                     if st.step % cfg.log_every == 0 or st.step == cfg.total_steps or end_of_epoch or stop_now:
-                        # the loop's one host sync: reduce and read the accumulated device metrics, and whether
-                        # any process was asked to stop
-                        keys = sorted(sums)
-                        local = torch.stack([sums[k] for k in keys]) / n_micro
-                        asked = torch.tensor([float(stop.received is not None)], device=local.device)
-                        vals = all_reduce_mean(torch.cat([local, asked]), self.dist).tolist()
-                        stop_now = vals.pop() > 0
-                        now = time.perf_counter()
-                        row = dict(zip(keys, vals))
-                        row.update(epoch=st.epoch, lr=lr)
-                        dt = now - t_log
-                        for k, v in counts.items():
-                            row[f"{k}_per_s"] = v * self.dist.world_size / max(dt, 1e-9)
-                        row["data_wait_pct"] = 100.0 * wait_s / max(dt, 1e-9)
-                        wait_total += wait_s
-                        if self.device.type == "cuda":
-                            mem = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-                            peak_mem = max(peak_mem, mem)
-                            row["mem_gb"] = mem
-                        log.log(st.step, row, cfg.bar_keys)
-                        self._check_finite(row)
-                        first = first or row
-                        last = row
-                        sums, counts, n_micro, t_log, wait_s = {}, {}, 0, now, 0.0
+                        last, stop_now = self._log_interval(log, interval, lr, stop)
+                        first = first or last
+                        wait_total += interval.wait_s
+                        peak_mem = max(peak_mem, last.get("mem_gb", 0.0))
+                        interval = _Interval()
                     if end_of_epoch:
                         st.epoch += 1
                         st.step_in_epoch = 0
@@ -369,6 +314,84 @@ class Trainer:
                 "peak_mem_gb": peak_mem, "data_wait_pct": 100.0 * wait_total / max(elapsed, 1e-9),
                 "checkpoint": self.last_checkpoint, "total_steps": cfg.total_steps, "stopped_by": stopped_by,
                 "stop_signal": int(stop.received) if stopped_by and stop.received is not None else 0}
+
+    def _optimizer_step(self, interval: "_Interval") -> float:
+        """One optimizer step: its micro-batches' forward and backward, the gradient average (AllReduceParallel;
+        DDP did it during the backward), clipping, the update and the EMA. Metrics stay on the device, summed
+        into ``interval``. Returns the step's learning rate."""
+        cfg, st = self.cfg, self.state
+        lr = self.schedule.apply(st.step)
+        for micro in range(cfg.accum_steps):
+            t_wait = time.perf_counter()
+            batches = {name: self._next(name) for name in self.loaders}
+            interval.wait_s += time.perf_counter() - t_wait
+            ctx = StepContext(st.step, micro, cfg.accum_steps, st.epoch, self.device, self.dist, cfg.seed)
+            sync = (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or not self.dist.enabled
+                    else self.model.no_sync())
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    loss, metrics, n = self.compute(batches, ctx)
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            interval.add(metrics, n)
+        if isinstance(self.model, AllReduceParallel):
+            self.model.sync_grads()
+        if cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            interval.add({"grad_norm": gnorm * cfg.accum_steps}, {}, micro_batches=0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, st.step)
+        st.step += 1
+        st.step_in_epoch += 1
+        return lr
+
+    def _log_interval(self, log: RunLogger, interval: "_Interval", lr: float,
+                      stop: StopRequests) -> tuple[dict[str, float], bool]:
+        """The loop's one host sync: reduce the interval's device metrics over the processes, together with
+        whether any process was asked to stop; log the row and check it is finite. Returns (row, stop)."""
+        st = self.state
+        keys = sorted(interval.sums)
+        local = torch.stack([interval.sums[k] for k in keys]) / interval.n_micro
+        asked = torch.tensor([float(stop.received is not None)], device=local.device)
+        vals = all_reduce_mean(torch.cat([local, asked]), self.dist).tolist()
+        stop_now = vals.pop() > 0
+        dt = max(time.perf_counter() - interval.t0, 1e-9)
+        row = dict(zip(keys, vals))
+        row.update(epoch=st.epoch, lr=lr)
+        for k, v in interval.counts.items():
+            row[f"{k}_per_s"] = v * self.dist.world_size / dt
+        # host time blocked in next(loader): the step waited for data (the GPU work is asynchronous, so the
+        # host only blocks there when the loaders are behind), as a share of the interval's time
+        row["data_wait_pct"] = 100.0 * interval.wait_s / dt
+        if self.device.type == "cuda":
+            row["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        log.log(st.step, row, self.cfg.bar_keys)
+        self._check_finite(row)
+        return row, stop_now
+
+
+@dataclass
+class _Interval:
+    """What the loop accumulates between two log steps: metric sums (device tensors, read only at the log
+    step), sample counts, micro-batches, and the host time spent waiting for data."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    n_micro: int = 0
+    wait_s: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, metrics: dict[str, torch.Tensor], counts: dict[str, int], micro_batches: int = 1) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.n_micro += micro_batches
 
 
 def _parameters_finite(model: nn.Module) -> bool:
