@@ -497,12 +497,17 @@ def test_sigterm_to_a_torchrun_job_stops_every_process_at_one_log_step(synth_dat
     assert st["step"] == stopped_at and st["world_size"] == 2 and len(st["rng"]) == 2
 
 
-def test_sigterm_to_one_torchrun_process_stops_both(synth_dataset, tokenizer_file, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"))])
+def test_sigterm_to_one_torchrun_process_stops_both(synth_dataset, tokenizer_file, tmp_path, device):
     """Only one process gets the signal: the other learns it through the metrics' all-reduce at the next
-    log step, and both stop there with one checkpoint (else one would wait forever in a collective)."""
+    log step, and both stop there with one checkpoint (else one would wait forever in a collective). On
+    GPUs: NCCL, with each step replayed from CUDA graphs."""
     run = tmp_path / "run"
+    gpu = ("run.device=cuda", "run.cuda_graph=true", "data.decoder=pyav") if device == "cuda" else ()
+    port = {"cpu": 29537, "cuda": 29538}[device]
     args = _cli_args(synth_dataset, tokenizer_file, run, "data.video_batch=1", "data.image_batch=1",
-                     "run.log_every=3", launcher=_TORCHRUN + ("--master_port=29537",))
+                     "run.log_every=3", *gpu, launcher=_TORCHRUN + (f"--master_port={port}",))
     proc, err = _start_and_signal(args, run, signal.SIGTERM, one_worker=True)
     assert proc.returncode != 0
     assert "SIGTERM received; rank" in err and "bevt pretrain: stopped by" in err, err[-3000:]
