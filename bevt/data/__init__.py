@@ -19,8 +19,7 @@ _EXPORTS = {
     "transforms": ("ClipAugParams", "FinetuneAugParams", "ColorJitter", "sample_params", "apply_params",
                    "normalize", "IMAGENET_MEAN", "IMAGENET_STD"),
     "datasets": ("Sample", "AnnotationError", "SkippedFileWarning", "BrokenDatasetError", "read_annotation_list",
-                 "scan_folder",
-                 "read_class_names", "VideoClipDataset", "ImageDataset"),
+                 "scan_folder", "read_class_names", "VideoClipDataset", "ImageDataset"),
     "loader": ("Loader", "TorchLoader", "build_loader", "cycle", "collate"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -231,10 +231,9 @@ def triton_device_reasons(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
-def compute_capability_reasons(caps: Capabilities, *tensors: torch.Tensor) -> list[str]:
-    """Why the CUDA device of these tensors is too old for a backend (empty list: it is not)."""
-    dev = next((t.device for t in tensors if t.device.type == "cuda"), None)
-    if dev is None or caps.min_compute_capability is None:
+def compute_capability_reasons(caps: Capabilities, dev: torch.device | None) -> list[str]:
+    """Why a CUDA device is too old for a backend (empty list: it is not, or ``dev`` is no CUDA device)."""
+    if dev is None or dev.type != "cuda" or caps.min_compute_capability is None:
         return []
     cc = torch.cuda.get_device_capability(dev)
     if cc < caps.min_compute_capability:
@@ -250,7 +249,7 @@ def triton_kernel_reasons(name: str, caps: Capabilities, *tensors: torch.Tensor)
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append("all tensors must be on one device, got " + ", ".join(sorted(map(str, devices))))
-    reasons += compute_capability_reasons(caps, *tensors)
+    reasons += compute_capability_reasons(caps, next((t.device for t in tensors if t.device.type == "cuda"), None))
     import_problem, interpreter_problem = _kernel_module_facts(name)
     if import_problem:
         reasons.append(import_problem)

@@ -195,12 +195,7 @@ def can_run_cuda(device: torch.device | str | None, spec: BlockMaskSpec, tube: T
         reasons.append(f"masks must be made on a CUDA device, asked for {dev}")
     else:
         ok, why = _be.cuda_extension_status()
-        if not ok:
-            reasons.append(why)
-        elif caps.min_compute_capability is not None:
-            cc = torch.cuda.get_device_capability(dev)
-            if cc < caps.min_compute_capability:
-                reasons.append(f"needs compute capability >= {caps.min_compute_capability}, {dev} has {cc}")
+        reasons += [why] if not ok else _be.compute_capability_reasons(caps, dev)
     side = caps.extra["max_grid_side"]
     if spec.grid[0] > side or spec.grid[1] > side:
         reasons.append(f"grid sides must be <= {side}, got {spec.grid}")

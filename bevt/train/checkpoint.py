@@ -182,15 +182,14 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
                         ("are not in this model", unexpected)):
         if names:
             parts.append(f"{len(names)} {what} (e.g. {', '.join(names[:3])})")
-    settings = ""
     try:
-        saved = checkpoint_config(ckpt_dir) or {}
+        saved = checkpoint_config(ckpt_dir)
     except (OSError, ValueError):  # an unreadable config.json: the tensors still say what does not fit
-        saved = {}
-    diffs = [f"{k}: {a!r} there, {b!r} here" for k, (a, b) in _config_differences(saved, run_config).items()
-             if saved and k.split(".")[0] in ("model", "tokenizer")]
-    if diffs:
-        settings = "; its settings differ from this run's: " + "; ".join(diffs[:6])
+        saved = None
+    diffs = [] if not saved else [f"{k}: {a!r} there, {b!r} here" for k, (a, b)
+                                  in _config_differences(saved, run_config).items()
+                                  if k.split(".")[0] in ("model", "tokenizer")]
+    settings = "; its settings differ from this run's: " + "; ".join(diffs[:6]) if diffs else ""
     raise ValueError(f"--resume {ckpt_dir}: its weights do not fit this run's model: tensors "
                      f"{'; '.join(parts)}{settings}. Resume with the settings of that run (its config.json), or start "
                      f"a new run (another run.out_dir, or without --resume); model.init_from={ckpt_dir} starts one "

@@ -312,8 +312,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         return {"steps": st.step, "epochs": st.epoch, "elapsed_s": elapsed, "first": first or {}, "last": last,
                 "peak_mem_gb": peak_mem, "data_wait_pct": 100.0 * wait_total / max(elapsed, 1e-9),
-                "checkpoint": self.last_checkpoint, "total_steps": cfg.total_steps, "stopped_by": stopped_by,
-                "stop_signal": int(stop.received) if stopped_by and stop.received is not None else 0}
+                "checkpoint": self.last_checkpoint, "total_steps": cfg.total_steps, "stopped_by": stopped_by}
 
     def _optimizer_step(self, interval: "_Interval") -> float:
         """One optimizer step: its micro-batches' forward and backward, the gradient average (AllReduceParallel;

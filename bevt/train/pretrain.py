@@ -498,8 +498,8 @@ def run_job(command: str, recipes: Recipes, job, args) -> int:
     except TrainingDiverged as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 1
-    if summary.get("stopped_by"):
-        return 128 + (summary["stop_signal"] or signal.SIGTERM)
+    if summary.get("stopped_by"):  # a signal's name, or a phrase when another process got it (as SIGTERM)
+        return 128 + getattr(signal, summary["stopped_by"], signal.SIGTERM)
     return 0
 
 
