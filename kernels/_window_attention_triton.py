@@ -44,7 +44,10 @@ Shift mask. Only the last window along a masked axis (mask shift M > 0) mixes re
 its tokens the mask separates depends only on their in-window coordinates. So the launcher adds the mask
 to the bias planes, one set of planes per window *type* (which masked axes the window is the last one
 along: 2 ** (masked axes) types), and a window reads the planes of its type (``_win_plane``): no score
-pays a compare and a select (they were a fifth of the instructions of each inner loop).
+pays a compare and a select (they were a fifth of the instructions of each inner loop). The mask along D
+separates two runs of whole frames of the last window along D, so tiles lying in one run skip the other
+run's tiles (``_live_tiles``, constexpr SKIP): the 32-frame clips of fine-tuning save a sixth of a shifted
+block's tiles.
 
 Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (T, NH, NP, NP) and
 of TOK. Run-time values (shifted and unshifted blocks of a stage share one compiled kernel): the windows
@@ -154,6 +157,33 @@ def _bias_tile(bias_h, rows, c0, BC: tl.constexpr, NP: tl.constexpr):
     return tl.load(bias_h + rows[:, None] * NP + cols[None, :]).to(tl.float32)
 
 
+@triton.jit
+def _live_tiles(wi, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nWd, nWh, nWw, MD, WD: tl.constexpr,
+                WH: tl.constexpr, WW: tl.constexpr, SKIP: tl.constexpr):
+    """Which tiles of the other side (key tiles for a query tile, query tiles for a key tile) tokens t0 .. t0 + T
+    of window wi must visit: (first, end) of the NOF full tiles of BO tokens, and whether the tail tile is live.
+
+    The shift mask along D splits the last window along D into two runs of whole frames, tokens below
+    split = (WD - MD) * WH * WW and the rest (tokens are frame-major in a window). A tile that lies in one run
+    sees every token of the other run masked (-100 on the score: p = 0 in fp32, exactly so with the flush to
+    zero of exp2), so those tiles are skipped (SKIP): a third of the tiles of such windows, a sixth of a shifted
+    Video Swin block's. The masks along H and W interleave within every frame and leave no tile to skip."""
+    if SKIP:
+        nws = nWd * nWh * nWw
+        split = (WD - MD) * (WH * WW)
+        d_last = (MD > 0) & (MD < WD) & ((wi % nws) // (nWh * nWw) == nWd - 1)
+        lo = tl.where(d_last & (t0 >= split), split, 0)
+        hi = tl.where(d_last & (t0 + T <= split), split, WD * WH * WW)
+        first = lo // BO
+        end = tl.minimum((hi + BO - 1) // BO, NOF)
+        tail = hi > NOF * BO
+    else:
+        first = 0
+        end = NOF
+        tail = True
+    return first, end, tail
+
+
 # runtime scalars that must not be specialized (one compiled kernel per window geometry, not per value)
 _RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "MH", "MW", "HAS_PAD", "zero"]
 
@@ -188,9 +218,10 @@ def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW,
 
 @triton.jit
 def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
-              NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-              HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-              NKF: tl.constexpr, BNT: tl.constexpr):
+              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+              SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     NWS = nWd * nWh * nWw
@@ -202,16 +233,19 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, 
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DH), tl.float32)
-        # online softmax over the key tiles (exp2 domain)
+        # online softmax over the key tiles the shift mask leaves live (exp2 domain)
         a_qw = nq + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop
-        for kt in range(NKF):
+        first, end, tail = _live_tiles(wi, q0, BLOCK_M, BN, NKF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
+        for i in range(end - first):  # from 0: a loop from `first` kept more registers live
+            kt = first + i
             b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
             m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, qk_scale, TOK, DHW, NWS, NH,
                                        DH, N, NP, LAYOUT, HAS_PAD, IEEE, BN)
         if BNT > 0:
-            b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
-            m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS, NH,
-                                       DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
+            if tail:
+                b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
+                m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS,
+                                           NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
         o = acc / l_i[:, None]
         tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
         tl.store(LSE + (wi * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
@@ -221,19 +255,18 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, 
 def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-                BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
+                SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                 BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     qt = pid % NQT
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, N, NP,
-                  MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD, WH,
+                  WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, N, NP,
-                  MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD,
+                  WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dQ and delta
@@ -251,9 +284,10 @@ def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, wi, h, qk_scale, TOK, 
 
 @triton.jit
 def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
-             NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-             HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-             NKF: tl.constexpr, BNT: tl.constexpr):
+             NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+             SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     NWS = nWd * nWh * nWw
@@ -270,16 +304,19 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, 
         tl.store(DELTA + lrow, delta, mask=nq < N)
         lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))
         nqw = nq + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop (L1 hits)
-        # 2. dQ over the key tiles, in registers
+        # 2. dQ over the live key tiles, in registers
         dq = tl.zeros((BLOCK_M, DH), tl.float32)
-        for kt in range(NKF):
+        first, end, tail = _live_tiles(wi, q0, BLOCK_M, BN, NKF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
+        for i in range(end - first):  # from 0: a loop from `first` kept more registers live
+            kt = first + i
             b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
             dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, kt * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
                            NP, LAYOUT, HAS_PAD, IEEE, BN)
         if BNT > 0:
-            b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
-            dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
-                           NP, LAYOUT, HAS_PAD, IEEE, BNT)
+            if tail:
+                b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
+                dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH,
+                               N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
         tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
                  mask=real_q[:, None])
 
@@ -288,35 +325,46 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, 
 def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                    NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-                   BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
+                   SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                    BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     qt = pid % NQT
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
         _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
-                 sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BM, BN, NKF, BNT)
+                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
         _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
-                 sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, BMT, BN, NKF, BNT)
+                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF,
+                 BNT)
 
 
 # ----------------------------------------------------------------------------- backward: bias-gradient partials
 @triton.jit
 def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
-                NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
-                LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NQP: tl.constexpr,
-                NKP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+                SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
     the bias gradient is reduced over windows before anything is written (one plane per range, no atomics)."""
+    N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     nk = k0 + tl.arange(0, BLOCK_N)
     NWS = nWd * nWh * nWw
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for wl in range(WPP):
+    n_win = WPP
+    if SKIP:
+        # a pair the D shift mask separates (see _live_tiles) has dS = 0 in every last window along D; those are
+        # the windows j >= J of the position-major order (_window), so the range stops at J
+        split = (WD - MD) * (WH * WW)
+        sep = (MD > 0) & (MD < WD) & (((q0 + BLOCK_M <= split) & (k0 >= split)) |
+                                      ((q0 >= split) & (k0 + BLOCK_N <= split)))
+        j_last = (nWd - 1) * (nWh * nWw) * NB
+        n_win = tl.where(sep, tl.minimum(tl.maximum(j_last - r * WPP, 0), WPP), WPP)
+    for wl in range(n_win):
         wi = _window(r * WPP + wl, NWS, NB)
         real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
@@ -339,10 +387,9 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, 
 def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                       NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
-                      WPP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
+                      WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                       BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                       BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     qt = pid % NQT
     kt = (pid // NQT) % NKT
@@ -351,17 +398,21 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh
     if qt < NQF:
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BN)
+                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
+                        NKP, BM, BN)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BM, BNT)
+                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
+                        NKP, BM, BNT)
     elif BMT > 0:
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BN)
+                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
+                        NKP, BMT, BN)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NQP, NKP, BMT, BNT)
+                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
+                        NKP, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
@@ -389,9 +440,11 @@ def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, qk_scale, TOK, D
 
 @triton.jit
 def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
-               sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
-               LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, NKT: tl.constexpr,
-               BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, BLOCK_N: tl.constexpr):
+               sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
+               WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+               WPP: tl.constexpr, SKIP: tl.constexpr, NKT: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
+               BMT: tl.constexpr, BLOCK_N: tl.constexpr):
+    N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nk = k0 + tl.arange(0, BLOCK_N)
     NWS = nWd * nWh * nWw
@@ -404,16 +457,19 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
         bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)  # transposed planes: rows = keys
         dk = tl.zeros((BLOCK_N, DH), tl.float32)
         dv = tl.zeros((BLOCK_N, DH), tl.float32)
-        # every query tile of the window: dK, dV in registers
+        # every query tile of the window the shift mask leaves live: dK, dV in registers
         a_kw = nk + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop
-        for qt in range(NQF):
+        first, end, tail = _live_tiles(wi, k0, BLOCK_N, BM, NQF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
+        for i in range(end - first):  # from 0: a loop from `first` kept more registers live
+            qt = first + i
             b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
             dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
                                NP, LAYOUT, IEEE, BM)
         if BMT > 0:
-            b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
-            dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, qk_scale, TOK, DHW, NWS, NH, DH,
-                               N, NP, LAYOUT, IEEE, BMT)
+            if tail:
+                b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
+                dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, qk_scale, TOK, DHW, NWS, NH,
+                                   DH, N, NP, LAYOUT, IEEE, BMT)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
         tl.store(DV + row_k[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=real_k[:, None])
@@ -432,21 +488,20 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
 def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
                      zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                      NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
-                     WPP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
+                     WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
                      BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
-    N: tl.constexpr = WD * WH * WW
     pid = tl.program_id(0)
     kt = pid % NKT
     h = (pid // NKT) % NH
     r = pid // (NKT * NH)
     if kt < NKF:
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                   qk_scale, sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NKT, BM, NQF, BMT,
-                   BN)
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
+                   BM, NQF, BMT, BN)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                   qk_scale, sm_scale, zero, NH, DH, N, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, NKT, BM, NQF, BMT,
-                   BNT)
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
+                   BM, NQF, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: one-tile windows

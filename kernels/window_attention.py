@@ -56,6 +56,9 @@ class Config:
     db_programs: int = 2048  # (the bias-gradient kernel's ranges also set how many partials exist)
     kv_programs: int = 1024
     dbp_max_bytes: int = 64 << 20  # cap of the bias-gradient partials (fewer ranges if exceeded)
+    # skip the tiles the shift mask along D leaves fully masked (``_live_tiles``): a third of the tiles of the last
+    # window along D, a sixth of a shifted video block's
+    skip_masked_tiles: bool = True
     # windows that fit one tile of the dQ kernel (N <= 64: the image path) get the one-pass backward kernel
     # (dQ, dK, dV and the partials from one recompute of P) instead of the three backward kernels
     one_tile_backward: bool = True
@@ -314,6 +317,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     "window" alone when a window fits one tile."""
     layout = int(tokens) + (2 if big else 0)
     common = dict(**geo.constexprs(), NP=_padded_extent(geo.n, cfg), LAYOUT=layout, IEEE=_ieee(dtype))
+    skip = dict(SKIP=int(cfg.skip_masked_tiles))  # the four multi-tile kernels (not the one-tile backward)
     specs = {}
     # forward: programs (query tile, head, range of windows)
     nqf, bmt = _split(geo.n, cfg.fwd_bm)
@@ -321,7 +325,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nqt = nqf + (1 if bmt else 0)
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.fwd_programs)
     specs["fwd"] = LaunchSpec(_k._fwd_kernel, (geo.bw // wpp * geo.nh * nqt,),
-                              dict(common, WPP=wpp, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
+                              dict(common, **skip, WPP=wpp, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
                                    BN=cfg.fwd_bn, NKF=nkf, BNT=bnt), cfg.fwd_warps, cfg.fwd_stages, {})
     if cfg.one_tile_backward and geo.n <= min(cfg.dq_bm, cfg.dq_bn):
         # one (BT, BT) tile holds the window: one backward kernel, one bias-gradient plane per range and head
@@ -337,8 +341,8 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nqt = nqf + (1 if bmt else 0)
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.dq_programs)
     specs["dq"] = LaunchSpec(_k._bwd_dq_kernel, (geo.bw // wpp * geo.nh * nqt,),
-                             dict(common, WPP=wpp, BM=cfg.dq_bm, NQF=nqf, BMT=bmt, NQT=nqt, BN=cfg.dq_bn, NKF=nkf,
-                                  BNT=bnt), cfg.dq_warps, cfg.dq_stages, {})
+                             dict(common, **skip, WPP=wpp, BM=cfg.dq_bm, NQF=nqf, BMT=bmt, NQT=nqt, BN=cfg.dq_bn,
+                                  NKF=nkf, BNT=bnt), cfg.dq_warps, cfg.dq_stages, {})
     # bias-gradient partials: programs (query tile, key tile, head, range of windows); one plane per range
     nqf, bmt = _split(geo.n, cfg.db_bm)
     nkf, bnt = _split(geo.n, cfg.db_bn)
@@ -349,7 +353,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     wpp = _windows_per_program(geo.bw, per_range, min(cfg.db_programs, max_ranges * per_range))
     ranges = geo.bw // wpp
     specs["db"] = LaunchSpec(_k._bwd_dbias_kernel, (ranges * per_range,),
-                             dict(common, WPP=wpp, NQP=nqp, NKP=nkp, BM=cfg.db_bm, NQF=nqf, BMT=bmt, NQT=nqt,
+                             dict(common, **skip, WPP=wpp, NQP=nqp, NKP=nkp, BM=cfg.db_bm, NQF=nqf, BMT=bmt, NQT=nqt,
                                   BN=cfg.db_bn, NKF=nkf, BNT=bnt, NKT=nkt), cfg.db_warps, cfg.db_stages,
                              dict(ranges=ranges, nqp=nqp, nkp=nkp))
     # dK, dV (+ kv_pad partials): programs (key tile, head, range of windows)
@@ -358,7 +362,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nkt = nkf + (1 if bnt else 0)
     wpp = _windows_per_program(geo.bw, nkt * geo.nh, cfg.kv_programs)
     specs["dkdv"] = LaunchSpec(_k._bwd_dkdv_kernel, (geo.bw // wpp * geo.nh * nkt,),
-                               dict(common, WPP=wpp, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
+                               dict(common, **skip, WPP=wpp, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
                                     NKF=nkf, BNT=bnt, NKT=nkt), cfg.kv_warps, cfg.kv_stages,
                                dict(ranges=geo.bw // wpp, nkt=nkt))
     return _capped(specs, cfg)
