@@ -4,9 +4,10 @@
    path, 16x7x7 windows, head dim 64, fp16, fp32): output and gradients (qkv, table, kv_pad) against the
    reference computed in fp32 and in the input dtype; kernels are compiled in parallel worker processes;
 2. determinism of the backward (bitwise, twice);
-3. per-kernel times (torch.profiler) and fwd / bwd / fwd+bwd medians of the token entry point for the
-   Swin-B stages (8 clips) against the eager reference, plus extra memory;
-4. an optional sweep of launch configurations (``--sweep``).
+3. an optional sweep of launch configurations (``--sweep``);
+4. skipping the tiles the temporal shift mask leaves fully masked, on and off, at the fine-tuning shape;
+5. per-kernel times (torch.profiler) and fwd / bwd / fwd+bwd medians of the token entry point for the
+   Swin-B stages (8 clips) against the eager reference, plus extra memory.
 
 Prints a short table last; writes everything to $OUT/window_attention_gpu.json (or ./ without $OUT).
 
@@ -31,7 +32,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from shapes import SWIN_B_IMAGE_STAGES, SWIN_B_STAGES  # noqa: E402
+from shapes import SWIN_B_FINETUNE_STAGE1, SWIN_B_IMAGE_STAGES, SWIN_B_STAGES  # noqa: E402
 from timing import cuda_time_ms, graph_time_ms  # noqa: E402
 
 
@@ -383,6 +384,8 @@ def main():
     args = ap.parse_args()
     if args.offline_compile:
         return offline_main(args.workers, args.sweep)
+    from bevt.kernels import window_attention as K
+
     out_dir = os.environ.get("OUT", ".")
     res = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     import triton
@@ -425,8 +428,6 @@ def main():
         cfgs = sweep_configs()
         with cf.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as ex:
             warm = dict(ex.map(_warm_config, [(n, dataclasses.asdict(v), c1) for n, v in cfgs.items()]))
-        from bevt.kernels import window_attention as K
-
         res["sweep"] = {}
         for name, cfg in cfgs.items():
             if warm.get(name) != "ok":
@@ -441,7 +442,18 @@ def main():
                                                  if k in ("fwd", "bwd", "fwd_bwd", "fwd_bwd_graph"))
                                       if "error" not in t else t["error"]))
 
-    # 4. profile + timings of the stages (default config)
+    # 4. skipping the tiles the temporal shift mask leaves fully masked: on (default) vs off, at the fine-tuning
+    # shape (D = 16: two windows along D, the shift of 4 live; the pretraining grid has one window along D)
+    c_ft = _stage_case(SWIN_B_FINETUNE_STAGE1, True)
+    res["masked_tile_skip"] = {}
+    for name, on in (("skip", True), ("every_tile", False)):
+        K.set_config(dataclasses.replace(K.GPU_CONFIG, skip_masked_tiles=on))
+        res["masked_tile_skip"][name] = bench_case(c_ft, "triton")
+    K.set_config(None)
+    print("masked-tile skipping, ft_stage1 shifted (ms): " + "  ".join(
+        f"{n} {t['fwd_bwd_graph']:.3f}" for n, t in res["masked_tile_skip"].items()))
+
+    # 5. profile + timings of the stages (default config)
     res["profile_stage1_shift"] = profile_kernels(_stage_case(SWIN_B_STAGES[0], True))
     print("kernel times, stage1 shifted fwd+bwd (ms):")
     for k, v in list(res["profile_stage1_shift"].items())[:12]:

@@ -31,6 +31,8 @@ SWIN_B_STAGES = [
     AttentionShape("stage3", 8, (8, 14, 14), 16, 32, (8, 7, 7), 18),
     AttentionShape("stage4", 8, (8, 7, 7), 32, 32, (8, 7, 7), 2),
 ]
+# fine-tuning (K400 recipe: 8 clips of 32x224x224 per GPU): a 16x56x56 grid, so the temporal shift of 4 is live
+SWIN_B_FINETUNE_STAGE1 = AttentionShape("ft_stage1", 8, (16, 56, 56), 4, 32, (8, 7, 7), 2)
 # the image stream of the same model: 64 images of 224x224
 SWIN_B_IMAGE_STAGES = [
     AttentionShape("img_stage1", 64, (1, 56, 56), 4, 32, (8, 7, 7), 2),

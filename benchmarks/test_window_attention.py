@@ -8,7 +8,8 @@ and head), ``flex`` (FlexAttention, the table gathered in score_mod), ``triton``
 flex have no token layout, so the tokens entry compares ref and triton. Modes: ``fwd`` (no gradient),
 ``bwd`` (backward of a recorded forward), ``fwd_bwd``; gradients w.r.t. q, k, v (qkv), the bias table and
 kv_pad. Blocks: ``shift`` (the shifted block: roll + mask in the boundary windows) and ``noshift``; stage 4
-has one window per clip, so no shift.
+has one window per clip, so no shift. ``ft_stage1``: stage 1 of fine-tuning's 32-frame clips (two windows
+along D, so the temporal shift is live), shifted block, tokens entry.
 
 Before timing, each (entry, stage, provider) is checked against the reference in fp32: max and mean errors of
 the output and of every gradient at most 2x / 3x those of the reference in bf16. Recorded per row:
@@ -29,13 +30,16 @@ import torch.nn.functional as F
 
 try:
     from benchmarks.timing import cuda_time_ms, graph_time_ms, peak_extra_mib
-    from benchmarks.shapes import SWIN_B_STAGES
+    from benchmarks.shapes import SWIN_B_FINETUNE_STAGE1, SWIN_B_STAGES
 except ImportError:  # benchmarks/ itself on sys.path (pytest's default import of a folder without __init__.py)
     from timing import cuda_time_ms, graph_time_ms, peak_extra_mib
-    from shapes import SWIN_B_STAGES
+    from shapes import SWIN_B_FINETUNE_STAGE1, SWIN_B_STAGES
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+SHAPES = {s.name: s for s in (*SWIN_B_STAGES, SWIN_B_FINETUNE_STAGE1)}
 
 
 def _cases():
@@ -43,16 +47,18 @@ def _cases():
     for s in SWIN_B_STAGES:
         for block in (("noshift",) if s.name == "stage4" else ("noshift", "shift")):
             out.append((s.name, block))
+    # fine-tuning's 32-frame clips: two windows along D, the temporal shift live (masked tiles skipped)
+    out.append((SWIN_B_FINETUNE_STAGE1.name, "shift"))
     return out
 
 
 def _params():
-    """windows entry: every provider on the shifted block (stage 4: its only block); tokens entry: ref and
-    triton on both blocks (what the model runs)."""
+    """windows entry: every provider on the shifted block of the pretraining stages (stage 4: its only block);
+    tokens entry: ref and triton on both blocks (what the model runs)."""
     p = []
     for stage, block in _cases():
         entries = [("tokens", ("ref", "triton"))]
-        if block == "shift" or stage == "stage4":
+        if (block == "shift" and stage != SWIN_B_FINETUNE_STAGE1.name) or stage == "stage4":
             entries.insert(0, ("windows", ("ref", "sdpa", "flex", "triton")))
         for entry, providers in entries:
             for provider in providers:
@@ -64,7 +70,7 @@ def _params():
 def _geometry(stage: str, block: str):
     from bevt.models.video_swin import get_window_size
 
-    s = next(x for x in SWIN_B_STAGES if x.name == stage)
+    s = SHAPES[stage]
     shift = tuple(w // 2 for w in s.window) if block == "shift" else (0, 0, 0)
     ws, ss = get_window_size(s.grid, s.window, shift)
     return s, ws, ss
