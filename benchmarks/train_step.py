@@ -244,7 +244,7 @@ def measure(path: str, clips: int, images: int, *, phases: bool = True, iters: i
     flops = step_flops(sb) if flops is None else flops
     row["tflops_per_step"] = flops / 1e12
     row["mfu"] = flops / (ms / 1e3) / (H100_BF16_PEAK_TFLOPS * 1e12)
-    del sb
+    sb = None  # frees the step's memory (the closures above keep the name)
     torch.cuda.empty_cache()
     return row
 
@@ -288,7 +288,7 @@ def video_stream_vs_torchvision(clips: int = 8, iters: int = 10, variants=VIDEO_
 
         ms, peak, _ = with_peak_memory(lambda: cuda_time_ms(step, warmup=3, rep=iters))
         out[variant] = {"step_ms": ms, "clips_per_s": clips / ms * 1e3, "peak_gb": peak}
-        del m, fwd, step_fn, opt
+        m = fwd = step_fn = opt = None  # free the variant's memory before the next one
         torch.cuda.empty_cache()
     best = max((v["clips_per_s"], k) for k, v in out.items() if k.startswith("bevt"))
     out["bevt_best"] = best[1]
