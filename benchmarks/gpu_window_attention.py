@@ -299,12 +299,13 @@ def offline_compile(spec, dtype_name: str, arch: int = 90) -> dict:
 
     fn = spec.kernel
     tname = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype_name]
+    plane = "fp32" if dtype_name == "float32" else "fp16"  # the bias planes (_plane_dtype)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in spec.constexprs:
             sig[a] = "constexpr"
-        elif a[0].isupper() and a not in ("DHW", "NB", "MD", "MH", "MW", "HAS_PAD"):
-            sig[a] = "*" + (tname if a in _PTR_ARGS else "i32" if a == "TOK" else "fp32")
+        elif a[0].isupper() and a not in ("DHW", "NB", "MD", "MH", "MW"):
+            sig[a] = "*" + (tname if a in _PTR_ARGS else "i32" if a == "TOK" else plane if a == "TAB" else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher specializes for aligned tensors
         elif a in ("qk_scale", "sm_scale"):
             sig[a] = "fp32"

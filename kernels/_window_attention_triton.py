@@ -51,7 +51,10 @@ block's tiles.
 
 Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (T, NH, NP, NP) and
 of TOK. Run-time values (shifted and unshifted blocks of a stage share one compiled kernel): the windows
-per axis nWd/nWh/nWw, MD/MH/MW shift of the region mask (0: no mask on that axis), HAS_PAD.
+per axis nWd/nWh/nWw, MD/MH/MW shift of the region mask (0: no mask on that axis). HAS_PAD (the grid is
+padded: a property of the stage, shared by its shifted and unshifted blocks) is compile-time: as a run-time
+flag it cost every key tile a round trip of k and v from shared memory through registers and back (to select
+kv_pad rows), with a barrier: 4-5 % of the executed instructions of the forward, dQ and bias-gradient loops.
 """
 import triton
 import triton.language as tl
@@ -135,11 +138,11 @@ def _rows(n, wi, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.con
 
 
 @triton.jit
-def _load_kv(K, V, KVP, h, n, real, row, dcol, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, HAS_PAD,
-             IEEE: tl.constexpr):
+def _load_kv(K, V, KVP, h, n, real, row, dcol, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr,
+             HAS_PAD: tl.constexpr, IEEE: tl.constexpr):
     k = tl.load(K + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
     v = tl.load(V + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
-    if HAS_PAD:  # runtime flag: the grid is padded (token layout)
+    if HAS_PAD:  # the grid is padded (token layout)
         pad = (n < N) & (real == 0)
         kp = tl.load(KVP + h * DH + dcol)
         vp = tl.load(KVP + NH * DH + h * DH + dcol)
@@ -185,12 +188,12 @@ def _live_tiles(wi, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nW
 
 
 # runtime scalars that must not be specialized (one compiled kernel per window geometry, not per value)
-_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "MH", "MW", "HAS_PAD", "zero"]
+_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "MH", "MW", "zero"]
 
 
 @triton.jit
 def _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr,
-                N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr):
+                N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr):
     """Scores of query rows q against key tokens nk of window wi, in the exp2 domain (q.k * scale * log2 e
     + the bias tile, whose planes are pre-scaled by log2 e and hold the window type's shift mask); also
     returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
@@ -204,7 +207,7 @@ def _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.c
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
-               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD,
+               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
                IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
                           NP, LAYOUT, HAS_PAD, IEEE)
@@ -217,10 +220,10 @@ def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW,
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
-              NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-              NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-              SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
+              DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
+              LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr,
+              BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
@@ -252,11 +255,11 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, 
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
-                NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-                SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
-                BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
+                DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
+                LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr,
+                BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr, BN: tl.constexpr,
+                NKF: tl.constexpr, BNT: tl.constexpr):
     pid = tl.program_id(0)
     qt = pid % NQT
     h = (pid // NQT) % NH
@@ -272,8 +275,8 @@ def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale
 # ----------------------------------------------------------------------------- backward: dQ and delta
 @triton.jit
 def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
-              DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
                           NP, LAYOUT, HAS_PAD, IEEE)
     p = tl.math.exp2(s - lse[:, None])
@@ -284,8 +287,8 @@ def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, wi, h, qk_scale, TOK, 
 
 @triton.jit
 def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
-             NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-             NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
+             NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr,
+             MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr,
              SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
@@ -324,9 +327,9 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, 
 @triton.jit(do_not_specialize=_RUNTIME)
 def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                   NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-                   SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
-                   BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
+                   NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+                   WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
+                   NQT: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     pid = tl.program_id(0)
     qt = pid % NQT
     h = (pid // NQT) % NH
@@ -344,8 +347,8 @@ def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh,
 @triton.jit
 def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr,
-                SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
+                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+                WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
     the bias gradient is reduced over windows before anything is written (one plane per range, no atomics)."""
@@ -386,7 +389,7 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, 
 @triton.jit(do_not_specialize=_RUNTIME)
 def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                      NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+                      NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                       WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                       BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                       BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
@@ -440,8 +443,8 @@ def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, qk_scale, TOK, D
 
 @triton.jit
 def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
-               sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
-               WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+               sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+               NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                WPP: tl.constexpr, SKIP: tl.constexpr, NKT: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
                BMT: tl.constexpr, BLOCK_N: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
@@ -487,7 +490,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
 @triton.jit(do_not_specialize=_RUNTIME)
 def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
                      zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                     NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD, IEEE: tl.constexpr,
+                     NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                      WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
                      BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
     pid = tl.program_id(0)
@@ -509,7 +512,7 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, 
 def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
                        sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
                        WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
-                       HAS_PAD, IEEE: tl.constexpr, WPP: tl.constexpr, BT: tl.constexpr):
+                       HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, BT: tl.constexpr):
     """The whole backward of windows that fit one BT x BT tile (N <= BT: the 49-token image windows), one
     program per (head, range of WPP windows). With every query and key of a window in the program, dQ, dK,
     dV, the bias-gradient partial and the kv_pad partial all come from one recompute of P: one pass over the

@@ -137,6 +137,11 @@ class _Geo:
         return dict(NH=self.nh, DH=self.d, WD=wd, WH=wh, WW=ww)
 
     @property
+    def padded(self) -> bool:
+        """The token grid is not a whole number of windows (token layout: padded tokens get kv_pad)."""
+        return any(nw * w != g for nw, w, g in zip(self.nwin, self.ws, self.grid))
+
+    @property
     def table_rows(self) -> int:
         td, th, tw = self.ts
         return (2 * td - 1) * (2 * th - 1) * (2 * tw - 1)
@@ -316,7 +321,8 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     """Specs of the "fwd" kernel and of the backward: "dq", "db" (bias-gradient partials) and "dkdv", or
     "window" alone when a window fits one tile."""
     layout = int(tokens) + (2 if big else 0)
-    common = dict(**geo.constexprs(), NP=_padded_extent(geo.n, cfg), LAYOUT=layout, IEEE=_ieee(dtype))
+    common = dict(**geo.constexprs(), NP=_padded_extent(geo.n, cfg), LAYOUT=layout, IEEE=_ieee(dtype),
+                  HAS_PAD=int(tokens and geo.padded))
     skip = dict(SKIP=int(cfg.skip_masked_tiles))  # the four multi-tile kernels (not the one-tile backward)
     specs = {}
     # forward: programs (query tile, head, range of windows)
@@ -392,19 +398,19 @@ def _launch(spec: LaunchSpec, device: torch.device, *args, **runtime):
                            num_stages=spec.num_stages)
 
 
-def _launch_fwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, lse, scale: float, has_pad: bool):
+def _launch_fwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, lse, scale: float):
     spec = launch_specs(geo, tokens, q.dtype, _big(q), _config(q.device, geo.n))["fwd"]
     planes = _expand_bias(bias_table, geo, spec.constexprs["NP"], _plane_dtype(q.dtype))
     _launch(spec, q.device, q, k, v, planes if kvp is None else kvp, planes, o, lse,
-            *geo.runtime(tokens, spec.constexprs["NP"], q.device), scale * LOG2E, 0, **geo.shifts(), HAS_PAD=int(has_pad))
+            *geo.runtime(tokens, spec.constexprs["NP"], q.device), scale * LOG2E, 0, **geo.shifts())
 
 
-def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, dq, dk, dv, scale: float,
-                has_pad: bool):
+def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, dq, dk, dv, scale: float):
     """Runs the backward kernels; returns (dtable (L, nh), dkv_pad (2, nh, d) fp32 or None)."""
     dev = q.device
     specs = launch_specs(geo, tokens, q.dtype, _big(q), _config(dev, geo.n))
-    rt = dict(**geo.shifts(), HAS_PAD=int(has_pad))
+    rt = geo.shifts()
+    has_pad = bool(specs["fwd"].constexprs["HAS_PAD"])
     one_tile = "window" in specs
     np_, pdt = specs["fwd"].constexprs["NP"], _plane_dtype(q.dtype)
     gargs = geo.runtime(tokens, np_, dev)
@@ -455,10 +461,6 @@ def _tokens_geo(qkv: torch.Tensor, ws, ss, ts, ms) -> _Geo:
     return _Geo(tuple(ws), tuple(ts), tuple(ss), tuple(ms), (D, H, W), nwin, B * math.prod(nwin), nh, d)
 
 
-def _is_padded(geo: _Geo) -> bool:
-    return any(nw * w != g for nw, w, g in zip(geo.nwin, geo.ws, geo.grid))
-
-
 @torch.library.custom_op("bevt::window_attention_tokens_fwd", mutates_args=())
 def _tokens_fwd(qkv: torch.Tensor, bias_table: torch.Tensor, kv_pad: torch.Tensor, window_size: list[int],
                 shift_size: list[int], table_window_size: list[int], mask_shift_size: list[int],
@@ -469,7 +471,7 @@ def _tokens_fwd(qkv: torch.Tensor, bias_table: torch.Tensor, kv_pad: torch.Tenso
     o = torch.empty(B, D, H, W, geo.nh, geo.d, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(geo.bw, geo.nh, geo.n, device=qkv.device, dtype=torch.float32)
     q, k, v = qkv.unbind(4)
-    _launch_fwd(geo, True, q, k, v, kv_pad.contiguous(), bias_table, o, lse, scale, _is_padded(geo))
+    _launch_fwd(geo, True, q, k, v, kv_pad.contiguous(), bias_table, o, lse, scale)
     return o, lse
 
 
@@ -488,13 +490,12 @@ def _tokens_bwd(do: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor, k
                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     geo = _tokens_geo(qkv, window_size, shift_size, table_window_size, mask_shift_size)
     qkv = qkv.contiguous()
-    has_pad = _is_padded(geo)
     # every real token belongs to exactly one window: each dqkv element is written exactly once
     dqkv = torch.empty_like(qkv)
     q, k, v = qkv.unbind(4)
     dq, dk, dv = dqkv.unbind(4)
     dt, dkv = _launch_bwd(geo, True, q, k, v, kv_pad.contiguous(), bias_table, o.contiguous(),
-                          do.contiguous(), lse, dq, dk, dv, scale, has_pad)
+                          do.contiguous(), lse, dq, dk, dv, scale)
     # contiguous outputs whatever the inputs' strides: the fake below promises exactly that to the compiler
     dkv_pad = dkv.to(kv_pad.dtype) if dkv is not None else kv_pad.new_zeros(kv_pad.shape)
     return dqkv, dt.contiguous(), dkv_pad.contiguous()
@@ -543,7 +544,7 @@ def _windows_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     lse = torch.empty(geo.bw, geo.nh, geo.n, device=q.device, dtype=torch.float32)
-    _launch_fwd(geo, False, q, k, v, None, bias_table, o, lse, scale, False)
+    _launch_fwd(geo, False, q, k, v, None, bias_table, o, lse, scale)
     return o, lse
 
 
@@ -561,8 +562,8 @@ def _windows_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     geo = _windows_geo(q, window_size, table_window_size, padded_grid, mask_shift_size)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dt, _ = _launch_bwd(geo, False, q, k, v, None, bias_table, o.contiguous(), do.contiguous(), lse, dq, dk, dv, scale,
-                        False)
+    dt, _ = _launch_bwd(geo, False, q, k, v, None, bias_table, o.contiguous(), do.contiguous(), lse, dq, dk, dv,
+                        scale)
     return dq, dk, dv, dt.contiguous()
 
 
