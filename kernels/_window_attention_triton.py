@@ -43,7 +43,8 @@ within its sample (DHW tokens per sample; see ``_rows``).
 Shift mask. Only the last window along a masked axis (mask shift M > 0) mixes regions, and which pairs of
 its tokens the mask separates depends only on their in-window coordinates. So the launcher adds the mask
 to the bias planes, one set of planes per window *type* (which masked axes the window is the last one
-along: 2 ** (masked axes) types), and a window reads the planes of its type (``_win_plane``): no score
+along: 2 ** (masked axes) types), and a window reads the planes of its type (``_win_plane``, the type from
+the table WT): no score
 pays a compare and a select (they were a fifth of the instructions of each inner loop). The mask along D
 separates two runs of whole frames of the last window along D, so tiles lying in one run skip the other
 run's tiles (``_live_tiles``, constexpr SKIP): the 32-frame clips of fine-tuning save a sixth of a shifted
@@ -51,7 +52,9 @@ block's tiles.
 
 Constexpr geometry: WD, WH, WW effective window; NP rows/columns of the bias planes TAB (T, NH, NP, NP) and
 of TOK. Run-time values (shifted and unshifted blocks of a stage share one compiled kernel): the windows
-per axis nWd/nWh/nWw, MD/MH/MW shift of the region mask (0: no mask on that axis). HAS_PAD (the grid is
+per axis nWd/nWh/nWw, MD the shift of the region mask along D (0: none; which planes a window reads comes
+from the launcher's per-position type table WT). Windows are visited with a (sample, position) counter
+(``_first_window``, ``_next_window``), so no loop divides by a run-time value. HAS_PAD (the grid is
 padded: a property of the stage, shared by its shifted and unshifted blocks) is compile-time: as a run-time
 flag it cost every key tile a round trip of k and v from shared memory through registers and back (to select
 kv_pad rows), with a barrier: 4-5 % of the executed instructions of the forward, dQ and bias-gradient loops.
@@ -85,32 +88,38 @@ def _cvt(x, dtype: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _window(j, NWS, NB):
-    """The j-th window a program loops over -> its index wi (all samples, raster order). Position-major: the
-    j-th is position j // NB of sample j % NB, so consecutive windows of a program's range sit at the same
-    place in different samples and share a window type, hence a bias plane (at stage 3, 4 windows per sample
-    of 4 types: in raster order every window of a range read another plane)."""
-    return (j % NB) * NWS + j // NB
+def _first_window(j, NB):
+    """The j-th window of the position-major order as (sample b, position pos within the sample): windows
+    j, j + 1, ... of a program's range sit at the same place in different samples, so they share a window
+    type, hence a bias plane (at stage 3, 4 windows per sample of 4 types: in raster order every window of a
+    range read another plane). The window's index among all windows is b * NWS + pos."""
+    return j % NB, j // NB
 
 
 @triton.jit
-def _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH: tl.constexpr, NP: tl.constexpr):
-    """This head's (NP, NP) bias plane for window wi (all samples, raster order). The launcher makes one plane
-    per head and window *type*: which of the masked axes (M > 0) the window is the last one along, so the
-    official -100 of the shift mask is already in the plane and no score pays a compare and a select. The
-    type's bits follow the masked axes in (D, H, W) order, the first one most significant."""
-    nws = nWd * nWh * nWw
-    wl = wi % nws
-    t = ((MD > 0) & (wl // (nWh * nWw) == nWd - 1)).to(tl.int32)
-    t = tl.where(MH > 0, t * 2 + ((wl // nWw) % nWh == nWh - 1).to(tl.int32), t)
-    t = tl.where(MW > 0, t * 2 + (wl % nWw == nWw - 1).to(tl.int32), t)
+def _next_window(b, pos, NB):
+    """The window after (b, pos) in the position-major order, without a division (a division by a run-time
+    value costs ~20 instructions: a program's loop over windows used to pay five per window)."""
+    b = b + 1
+    wrap = b == NB
+    return tl.where(wrap, 0, b), pos + wrap.to(tl.int32)
+
+
+@triton.jit
+def _win_plane(TAB, WT, pos, h, NH: tl.constexpr, NP: tl.constexpr):
+    """This head's (NP, NP) bias plane for the window at position pos of a sample. The launcher makes one plane
+    per head and window *type* (which of the masked axes the window is the last one along), so the official
+    -100 of the shift mask is already in the plane and no score pays a compare and a select; WT (NWS,) int32
+    holds each position's type (``_window_types``)."""
+    t = tl.load(WT + pos)
     return TAB + (t * NH + h) * (NP * NP)
 
 
 @triton.jit
-def _rows(n, wi, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+def _rows(n, smp, pos, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
           LAYOUT: tl.constexpr):
-    """Per-token facts for token indices n (a vector, n < NP; n >= N are tile padding) of window wi, head h.
+    """Per-token facts for token indices n (a vector, n < NP; n >= N are tile padding) of the window at position
+    pos of sample smp, head h.
 
     Returns (real, row_qkv, row_o): whether the token is real (in the window and, in token layout, inside the
     unpadded grid), and the element offsets of its q/k/v and o rows. The window's coordinates are not computed
@@ -118,18 +127,17 @@ def _rows(n, wi, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.con
     the sample + 1 (0 when not real), made once per geometry by the launcher. One load replaces ~35 integer
     operations per token and tile.
     """
-    b = wi // NWS
-    code = tl.load(TOK + (wi - b * NWS) * NP + n)
+    code = tl.load(TOK + pos * NP + n)
     real = code > 0
     loc = tl.maximum(code - 1, 0)
     if LAYOUT % 2 == 1:
-        tok = b * DHW + loc
+        tok = smp * DHW + loc
         if LAYOUT >= 2:
             tok = tok.to(tl.int64)
         row_qkv = tok * (3 * NH * DH) + h * DH
         row_o = tok * (NH * DH) + h * DH
     else:
-        wh = wi * NH + h
+        wh = (smp * NWS + pos) * NH + h
         if LAYOUT >= 2:
             wh = wh.to(tl.int64)
         row_qkv = (wh * N + loc) * DH
@@ -161,10 +169,11 @@ def _bias_tile(bias_h, rows, c0, BC: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _live_tiles(wi, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nWd, nWh, nWw, MD, WD: tl.constexpr,
+def _live_tiles(pos, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nWd, nWh, nWw, MD, WD: tl.constexpr,
                 WH: tl.constexpr, WW: tl.constexpr, SKIP: tl.constexpr):
     """Which tiles of the other side (key tiles for a query tile, query tiles for a key tile) tokens t0 .. t0 + T
-    of window wi must visit: (first, end) of the NOF full tiles of BO tokens, and whether the tail tile is live.
+    of the window at position pos must visit: (first, end) of the NOF full tiles of BO tokens, and whether the
+    tail tile is live.
 
     The shift mask along D splits the last window along D into two runs of whole frames, tokens below
     split = (WD - MD) * WH * WW and the rest (tokens are frame-major in a window). A tile that lies in one run
@@ -172,9 +181,8 @@ def _live_tiles(wi, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nW
     zero of exp2), so those tiles are skipped (SKIP): a third of the tiles of such windows, a sixth of a shifted
     Video Swin block's. The masks along H and W interleave within every frame and leave no tile to skip."""
     if SKIP:
-        nws = nWd * nWh * nWw
         split = (WD - MD) * (WH * WW)
-        d_last = (MD > 0) & (MD < WD) & ((wi % nws) // (nWh * nWw) == nWd - 1)
+        d_last = (MD > 0) & (MD < WD) & (pos >= (nWd - 1) * (nWh * nWw))
         lo = tl.where(d_last & (t0 >= split), split, 0)
         hi = tl.where(d_last & (t0 + T <= split), split, WD * WH * WW)
         first = lo // BO
@@ -188,17 +196,17 @@ def _live_tiles(wi, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nW
 
 
 # runtime scalars that must not be specialized (one compiled kernel per window geometry, not per value)
-_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "MH", "MW", "zero"]
+_RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "zero"]
 
 
 @triton.jit
-def _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr,
+def _key_scores(q, bias, K, V, KVP, nk, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr,
                 N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr):
-    """Scores of query rows q against key tokens nk of window wi, in the exp2 domain (q.k * scale * log2 e
+    """Scores of query rows q against key tokens nk of window (smp, pos), in the exp2 domain (q.k * scale * log2 e
     + the bias tile, whose planes are pre-scaled by log2 e and hold the window type's shift mask); also
     returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
     dcol = tl.arange(0, DH)
-    real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+    real_k, row_k, _ = _rows(nk, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
     k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
     return s, k, v
@@ -206,11 +214,11 @@ def _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.c
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
+def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
                DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
                IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
-                          NP, LAYOUT, HAS_PAD, IEEE)
+    s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH,
+                          N, NP, LAYOUT, HAS_PAD, IEEE)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -220,43 +228,44 @@ def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW,
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
-              DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
+def _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
+              DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD,
               LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr,
               BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     NWS = nWd * nWh * nWw
+    smp, pos = _first_window(r * WPP, NB)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, NWS, NB)
-        real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+        real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-        bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)
+        bias_h = _win_plane(TAB, WT, pos, h, NH, NP)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DH), tl.float32)
         # online softmax over the key tiles the shift mask leaves live (exp2 domain)
         a_qw = nq + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop
-        first, end, tail = _live_tiles(wi, q0, BLOCK_M, BN, NKF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
+        first, end, tail = _live_tiles(pos, q0, BLOCK_M, BN, NKF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
         for i in range(end - first):  # from 0: a loop from `first` kept more registers live
             kt = first + i
             b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
-            m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, kt * BN, wi, h, qk_scale, TOK, DHW, NWS, NH,
-                                       DH, N, NP, LAYOUT, HAS_PAD, IEEE, BN)
+            m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, kt * BN, smp, pos, h, qk_scale, TOK, DHW, NWS,
+                                       NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BN)
         if BNT > 0:
             if tail:
                 b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
-                m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS,
-                                           NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
+                m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, smp, pos, h, qk_scale, TOK, DHW,
+                                           NWS, NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
         o = acc / l_i[:, None]
         tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
-        tl.store(LSE + (wi * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
+        tl.store(LSE + ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
+        smp, pos = _next_window(smp, pos, NB)
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
-                DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW,
+def _fwd_kernel(Q, K, V, KVP, TAB, WT, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
+                DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD,
                 LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr,
                 BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr, BN: tl.constexpr,
                 NKF: tl.constexpr, BNT: tl.constexpr):
@@ -265,20 +274,20 @@ def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD, WH,
-                  WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD,
+                  WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD,
-                  WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF, BNT)
+        _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH,
+                  WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dQ and delta
 @triton.jit
-def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
+def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
-                          NP, LAYOUT, HAS_PAD, IEEE)
+    s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH,
+                          N, NP, LAYOUT, HAS_PAD, IEEE)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])  # dL/d(score), natural units
@@ -286,48 +295,49 @@ def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, wi, h, qk_scale, TOK, 
 
 
 @triton.jit
-def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
-             NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr,
-             MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr,
+def _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
+             zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+             NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr,
              SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     NWS = nWd * nWh * nWw
+    smp, pos = _first_window(r * WPP, NB)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, NWS, NB)
-        real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
-        bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)
+        real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+        bias_h = _win_plane(TAB, WT, pos, h, NH, NP)
         # 1. delta = rowsum(dO * O) for this query tile, kept for the bias-gradient and dK/dV kernels
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         o = tl.load(O + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lrow = (wi * NH + h).to(tl.int64) * N + nq
+        lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
         tl.store(DELTA + lrow, delta, mask=nq < N)
         lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))
         nqw = nq + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop (L1 hits)
         # 2. dQ over the live key tiles, in registers
         dq = tl.zeros((BLOCK_M, DH), tl.float32)
-        first, end, tail = _live_tiles(wi, q0, BLOCK_M, BN, NKF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
+        first, end, tail = _live_tiles(pos, q0, BLOCK_M, BN, NKF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
         for i in range(end - first):  # from 0: a loop from `first` kept more registers live
             kt = first + i
             b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
-            dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, kt * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
-                           NP, LAYOUT, HAS_PAD, IEEE, BN)
+            dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, kt * BN, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH,
+                           N, NP, LAYOUT, HAS_PAD, IEEE, BN)
         if BNT > 0:
             if tail:
                 b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
-                dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, NKF * BN, wi, h, qk_scale, TOK, DHW, NWS, NH, DH,
-                               N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
+                dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, NKF * BN, smp, pos, h, qk_scale, TOK, DHW, NWS, NH,
+                               DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
         tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
                  mask=real_q[:, None])
+        smp, pos = _next_window(smp, pos, NB)
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
+def _bwd_dq_kernel(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                   NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+                   NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                    WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
                    NQT: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
     pid = tl.program_id(0)
@@ -335,19 +345,19 @@ def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh,
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
-                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
+        _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
-                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF,
+        _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+                 sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF,
                  BNT)
 
 
 # ----------------------------------------------------------------------------- backward: bias-gradient partials
 @triton.jit
-def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
+def _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+                NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                 WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
@@ -367,29 +377,30 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, 
                                       ((q0 >= split) & (k0 + BLOCK_N <= split)))
         j_last = (nWd - 1) * (nWh * nWw) * NB
         n_win = tl.where(sep, tl.minimum(tl.maximum(j_last - r * WPP, 0), WPP), WPP)
+    smp, pos = _first_window(r * WPP, NB)
     for wl in range(n_win):
-        wi = _window(r * WPP + wl, NWS, NB)
-        real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+        real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-        lrow = (wi * NH + h).to(tl.int64) * N + nq
+        lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
         lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))  # padded query rows: p = 0
         delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
         # the window type's plane: the tile is reloaded per window (L1 / L2 hits; windows of one type share it)
-        bias = _bias_tile(_win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP), nq + wl * zero, k0, BLOCK_N, NP)
-        s, k, v = _key_scores(q, bias, K, V, KVP, nk, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT, HAS_PAD,
-                              IEEE)
+        bias = _bias_tile(_win_plane(TAB, WT, pos, h, NH, NP), nq + wl * zero, k0, BLOCK_N, NP)
+        s, k, v = _key_scores(q, bias, K, V, KVP, nk, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT,
+                              HAS_PAD, IEEE)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         acc += p * (dp - delta[:, None])
+        smp, pos = _next_window(smp, pos, NB)
     base = DBP + (r * NH + h).to(tl.int64) * (NQP * NKP)
     tl.store(base + nq[:, None] * NKP + nk[None, :], acc)
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
+def _bwd_dbias_kernel(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                      NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+                      NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                       WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
                       BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr,
                       BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
@@ -400,35 +411,35 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh
     r = pid // (NQT * NKT * NH)
     if qt < NQF:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
+            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
                         NKP, BM, BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
-                        NKP, BM, BNT)
+            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BM,
+                        BNT)
     elif BMT > 0:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
-                        NKP, BMT, BN)
+            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
+                        BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                        qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
-                        NKP, BMT, BNT)
+            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+                        NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
+                        BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
-def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
+def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr):
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
-    real_q, row_q, row_o = _rows(nq, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+    real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
     q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-    lrow = (wi * NH + h).to(tl.int64) * N + nq
+    lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
     lse = tl.load(LSE + lrow, mask=nq < N, other=0.0)
     delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
     # transposed scores: rows = keys, columns = queries (padded query columns are -inf in the bias)
@@ -442,9 +453,9 @@ def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, wi, h, qk_scale, TOK, D
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+def _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
                sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+               NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                WPP: tl.constexpr, SKIP: tl.constexpr, NKT: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
                BMT: tl.constexpr, BLOCK_N: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
@@ -453,26 +464,26 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
     NWS = nWd * nWh * nWw
     dkp = tl.zeros((DH,), tl.float32)
     dvp = tl.zeros((DH,), tl.float32)
+    smp, pos = _first_window(r * WPP, NB)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, NWS, NB)
-        real_k, row_k, _ = _rows(nk, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+        real_k, row_k, _ = _rows(nk, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
-        bias_h = _win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP)  # transposed planes: rows = keys
+        bias_h = _win_plane(TAB, WT, pos, h, NH, NP)  # transposed planes: rows = keys
         dk = tl.zeros((BLOCK_N, DH), tl.float32)
         dv = tl.zeros((BLOCK_N, DH), tl.float32)
         # every query tile of the window the shift mask leaves live: dK, dV in registers
         a_kw = nk + wl * zero  # opaque to the compiler: the bias loads stay inside the window loop
-        first, end, tail = _live_tiles(wi, k0, BLOCK_N, BM, NQF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
+        first, end, tail = _live_tiles(pos, k0, BLOCK_N, BM, NQF, nWd, nWh, nWw, MD, WD, WH, WW, SKIP)
         for i in range(end - first):  # from 0: a loop from `first` kept more registers live
             qt = first + i
             b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
-            dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N,
-                               NP, LAYOUT, IEEE, BM)
+            dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, smp, pos, h, qk_scale, TOK, DHW, NWS, NH,
+                               DH, N, NP, LAYOUT, IEEE, BM)
         if BMT > 0:
             if tail:
                 b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
-                dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, wi, h, qk_scale, TOK, DHW, NWS, NH,
-                                   DH, N, NP, LAYOUT, IEEE, BMT)
+                dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, smp, pos, h, qk_scale, TOK, DHW, NWS,
+                                   NH, DH, N, NP, LAYOUT, IEEE, BMT)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
         tl.store(DV + row_k[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=real_k[:, None])
@@ -481,6 +492,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
             pad = ((nk < N) & (real_k == 0))[:, None]
             dkp += tl.sum(tl.where(pad, dk, 0.0), 0)
             dvp += tl.sum(tl.where(pad, dv, 0.0), 0)
+        smp, pos = _next_window(smp, pos, NB)
     if HAS_PAD:
         base = DKVP + ((r * NH + h).to(tl.int64) * NKT + kt) * (2 * DH)
         tl.store(base + dcol, dkp)
@@ -488,30 +500,30 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
-                     zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                     NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
-                     WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
-                     BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+                     sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
+                     WW: tl.constexpr, NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
+                     IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
+                     BMT: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr, NKT: tl.constexpr):
     pid = tl.program_id(0)
     kt = pid % NKT
     h = (pid // NKT) % NH
     r = pid // (NKT * NH)
     if kt < NKF:
-        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
+        _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
                    BM, NQF, BMT, BN)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
-                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, MH, MW, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
+        _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+                   qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
                    BM, NQF, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: one-tile windows
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+def _bwd_window_kernel(Q, K, V, KVP, TAB, WT, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
                        sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
-                       WW: tl.constexpr, NP: tl.constexpr, MD, MH, MW, LAYOUT: tl.constexpr,
+                       WW: tl.constexpr, NP: tl.constexpr, MD, LAYOUT: tl.constexpr,
                        HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, BT: tl.constexpr):
     """The whole backward of windows that fit one BT x BT tile (N <= BT: the 49-token image windows), one
     program per (head, range of WPP windows). With every query and key of a window in the program, dQ, dK,
@@ -527,19 +539,20 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
     dbacc = tl.zeros((BT, BT), tl.float32)
     dkp = tl.zeros((DH,), tl.float32)
     dvp = tl.zeros((DH,), tl.float32)
+    smp, pos = _first_window(r * WPP, NB)
     for wl in range(WPP):
-        wi = _window(r * WPP + wl, NWS, NB)
-        real, row, row_o = _rows(n, wi, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
+        real, row, row_o = _rows(n, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
         q = tl.load(Q + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         o = tl.load(O + row_o[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse = tl.load(LSE + (wi * NH + h).to(tl.int64) * N + n, mask=n < N, other=float("inf"))  # padded rows: p = 0
+        # padded rows: p = 0
+        lse = tl.load(LSE + ((smp * NWS + pos) * NH + h).to(tl.int64) * N + n, mask=n < N, other=float("inf"))
         # opaque to the compiler: the bias tile is reloaded per window (an L1 hit) instead of held in 32 more
         # registers across the loop (hoisted, the kernel spilled more)
-        bias = _bias_tile(_win_plane(TAB, wi, h, nWd, nWh, nWw, MD, MH, MW, NH, NP), n + wl * zero, 0, BT, NP)
-        s, k, v = _key_scores(q, bias, K, V, KVP, n, wi, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT, HAS_PAD,
-                              IEEE)
+        bias = _bias_tile(_win_plane(TAB, WT, pos, h, NH, NP), n + wl * zero, 0, BT, NP)
+        s, k, v = _key_scores(q, bias, K, V, KVP, n, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT,
+                              HAS_PAD, IEEE)
         p = tl.math.exp2(s - lse[:, None])
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])  # dL/d(score), natural units
         dbacc += ds
@@ -555,6 +568,7 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
             pad = ((n < N) & (real == 0))[:, None]
             dkp += tl.sum(tl.where(pad, dk, 0.0), 0)
             dvp += tl.sum(tl.where(pad, dv, 0.0), 0)
+        smp, pos = _next_window(smp, pos, NB)
     base = DBP + (r * NH + h).to(tl.int64) * (BT * BT)  # one plane per range and head, as _bwd_dbias_kernel's
     tl.store(base + n[:, None] * BT + n[None, :], dbacc)
     if HAS_PAD:
