@@ -305,7 +305,8 @@ def offline_compile(spec, dtype_name: str, arch: int = 90) -> dict:
         if a in spec.constexprs:
             sig[a] = "constexpr"
         elif a[0].isupper() and a not in ("DHW", "NB", "MD"):
-            sig[a] = "*" + (tname if a in _PTR_ARGS else "i32" if a in ("TOK", "WT") else plane if a == "TAB" else "fp32")
+            elem = tname if a in _PTR_ARGS else "i32" if a in ("TOK", "WT") else plane if a == "TAB" else "fp32"
+            sig[a] = "*" + elem
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher specializes for aligned tensors
         elif a in ("qk_scale", "sm_scale"):
             sig[a] = "fp32"

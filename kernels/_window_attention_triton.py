@@ -44,8 +44,8 @@ Shift mask. Only the last window along a masked axis (mask shift M > 0) mixes re
 its tokens the mask separates depends only on their in-window coordinates. So the launcher adds the mask
 to the bias planes, one set of planes per window *type* (which masked axes the window is the last one
 along: 2 ** (masked axes) types), and a window reads the planes of its type (``_win_plane``, the type from
-the table WT): no score
-pays a compare and a select (they were a fifth of the instructions of each inner loop). The mask along D
+the table WT): no score pays a compare and a select (they were a fifth of the instructions of each inner
+loop). The mask along D
 separates two runs of whole frames of the last window along D, so tiles lying in one run skip the other
 run's tiles (``_live_tiles``, constexpr SKIP): the 32-frame clips of fine-tuning save a sixth of a shifted
 block's tiles.
@@ -89,20 +89,20 @@ def _cvt(x, dtype: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _first_window(j, NB):
-    """The j-th window of the position-major order as (sample b, position pos within the sample): windows
+    """The j-th window of the position-major order as (sample smp, position pos within the sample): windows
     j, j + 1, ... of a program's range sit at the same place in different samples, so they share a window
     type, hence a bias plane (at stage 3, 4 windows per sample of 4 types: in raster order every window of a
-    range read another plane). The window's index among all windows is b * NWS + pos."""
+    range read another plane). The window's index among all windows is smp * NWS + pos."""
     return j % NB, j // NB
 
 
 @triton.jit
-def _next_window(b, pos, NB):
-    """The window after (b, pos) in the position-major order, without a division (a division by a run-time
+def _next_window(smp, pos, NB):
+    """The window after (smp, pos) in the position-major order, without a division (a division by a run-time
     value costs ~20 instructions: a program's loop over windows used to pay five per window)."""
-    b = b + 1
-    wrap = b == NB
-    return tl.where(wrap, 0, b), pos + wrap.to(tl.int32)
+    smp = smp + 1
+    wrap = smp == NB
+    return tl.where(wrap, 0, smp), pos + wrap.to(tl.int32)
 
 
 @triton.jit
@@ -169,20 +169,28 @@ def _bias_tile(bias_h, rows, c0, BC: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _depth_split(MD, nWd, nWh, nWw, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
+    """The shift mask along D: (whether it is on, the token where it splits the last window along D, the first
+    position of those windows within a sample). Tokens are frame-major in a window, so the two runs are the
+    tokens below split = (WD - MD) * WH * WW and the rest."""
+    return (MD > 0) & (MD < WD), (WD - MD) * (WH * WW), (nWd - 1) * (nWh * nWw)
+
+
+@triton.jit
 def _live_tiles(pos, t0, T: tl.constexpr, BO: tl.constexpr, NOF: tl.constexpr, nWd, nWh, nWw, MD, WD: tl.constexpr,
                 WH: tl.constexpr, WW: tl.constexpr, SKIP: tl.constexpr):
     """Which tiles of the other side (key tiles for a query tile, query tiles for a key tile) tokens t0 .. t0 + T
     of the window at position pos must visit: (first, end) of the NOF full tiles of BO tokens, and whether the
     tail tile is live.
 
-    The shift mask along D splits the last window along D into two runs of whole frames, tokens below
-    split = (WD - MD) * WH * WW and the rest (tokens are frame-major in a window). A tile that lies in one run
+    The shift mask along D splits the last window along D into two runs of whole frames (``_depth_split``).
+    A tile that lies in one run
     sees every token of the other run masked (-100 on the score: p = 0 in fp32, exactly so with the flush to
     zero of exp2), so those tiles are skipped (SKIP): a third of the tiles of such windows, a sixth of a shifted
     Video Swin block's. The masks along H and W interleave within every frame and leave no tile to skip."""
     if SKIP:
-        split = (WD - MD) * (WH * WW)
-        d_last = (MD > 0) & (MD < WD) & (pos >= (nWd - 1) * (nWh * nWw))
+        on, split, pos_last = _depth_split(MD, nWd, nWh, nWw, WD, WH, WW)
+        d_last = on & (pos >= pos_last)
         lo = tl.where(d_last & (t0 >= split), split, 0)
         hi = tl.where(d_last & (t0 + T <= split), split, WD * WH * WW)
         first = lo // BO
@@ -228,7 +236,7 @@ def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, smp, pos, h, qk_scale, TOK
 
 
 @triton.jit
-def _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
+def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
               DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD,
               LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr,
               BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
@@ -264,7 +272,7 @@ def _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, q0, r, h, TOK, DHW, nWd, nWh, nWw, 
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _fwd_kernel(Q, K, V, KVP, TAB, WT, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
+def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH: tl.constexpr,
                 DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, MD,
                 LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr,
                 BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr, NQT: tl.constexpr, BN: tl.constexpr,
@@ -274,10 +282,10 @@ def _fwd_kernel(Q, K, V, KVP, TAB, WT, O, LSE, TOK, DHW, nWd, nWh, nWw, NB, qk_s
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD,
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, qt * BM, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH, WD,
                   WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _fwd_tile(Q, K, V, KVP, TAB, WT, O, LSE, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH,
+        _fwd_tile(Q, K, V, KVP, TAB, O, LSE, NQF * BM, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, zero, NH, DH,
                   WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF, BNT)
 
 
@@ -295,7 +303,7 @@ def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, smp, pos, h, qk_scale,
 
 
 @triton.jit
-def _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
+def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale,
              zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
              NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr,
              SKIP: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, NKF: tl.constexpr, BNT: tl.constexpr):
@@ -335,7 +343,7 @@ def _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, DHW, n
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dq_kernel(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
+def _bwd_dq_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, sm_scale, zero,
                    NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                    NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                    WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr, BMT: tl.constexpr,
@@ -345,17 +353,17 @@ def _bwd_dq_kernel(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, TOK, DHW, nWd, 
     h = (pid // NQT) % NH
     r = pid // (NQT * NH)
     if qt < NQF:
-        _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, qt * BM, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale,
                  sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BM, BN, NKF, BNT)
     elif BMT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dq_tile(Q, K, V, KVP, TAB, WT, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+        _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, NQF * BM, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale,
                  sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, BMT, BN, NKF,
                  BNT)
 
 
 # ----------------------------------------------------------------------------- backward: bias-gradient partials
 @triton.jit
-def _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
+def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                 WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -371,11 +379,10 @@ def _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, D
     n_win = WPP
     if SKIP:
         # a pair the D shift mask separates (see _live_tiles) has dS = 0 in every last window along D; those are
-        # the windows j >= J of the position-major order (_window), so the range stops at J
-        split = (WD - MD) * (WH * WW)
-        sep = (MD > 0) & (MD < WD) & (((q0 + BLOCK_M <= split) & (k0 >= split)) |
-                                      ((q0 >= split) & (k0 + BLOCK_N <= split)))
-        j_last = (nWd - 1) * (nWh * nWw) * NB
+        # the windows j >= j_last of the position-major order (_first_window), so the range stops there
+        on, split, pos_last = _depth_split(MD, nWd, nWh, nWw, WD, WH, WW)
+        sep = on & (((q0 + BLOCK_M <= split) & (k0 >= split)) | ((q0 >= split) & (k0 + BLOCK_N <= split)))
+        j_last = pos_last * NB
         n_win = tl.where(sep, tl.minimum(tl.maximum(j_last - r * WPP, 0), WPP), WPP)
     smp, pos = _first_window(r * WPP, NB)
     for wl in range(n_win):
@@ -398,7 +405,7 @@ def _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, D
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dbias_kernel(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
+def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale, zero,
                       NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                       NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                       WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr,
@@ -411,20 +418,20 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, TOK, DHW, nWd,
     r = pid // (NQT * NKT * NH)
     if qt < NQF:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                         qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
                         NKP, BM, BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BM,
                         BNT)
     elif BMT > 0:
         if kt < NKF:
-            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
                         BN)
         elif BNT > 0:
-            _dbias_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, DHW, nWd, nWh, nWw,
+            _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
                         BNT)
 
@@ -453,7 +460,7 @@ def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, smp, pos, h, qk_scale, 
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale,
                sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                WPP: tl.constexpr, SKIP: tl.constexpr, NKT: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
@@ -500,7 +507,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h
 
 
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale,
                      sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
                      WW: tl.constexpr, NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
                      IEEE: tl.constexpr, WPP: tl.constexpr, SKIP: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
@@ -510,18 +517,18 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, TOK, D
     h = (pid // NKT) % NH
     r = pid // (NKT * NH)
     if kt < NKF:
-        _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                    qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
                    BM, NQF, BMT, BN)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
-        _dkdv_tile(Q, K, V, KVP, TAB, WT, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, DHW, nWd, nWh, nWw, NB,
+        _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                    qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
                    BM, NQF, BMT, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: one-tile windows
 @triton.jit(do_not_specialize=_RUNTIME)
-def _bwd_window_kernel(Q, K, V, KVP, TAB, WT, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, DHW, nWd, nWh, nWw, NB, qk_scale,
+def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_scale,
                        sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr,
                        WW: tl.constexpr, NP: tl.constexpr, MD, LAYOUT: tl.constexpr,
                        HAS_PAD: tl.constexpr, IEEE: tl.constexpr, WPP: tl.constexpr, BT: tl.constexpr):

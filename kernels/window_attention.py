@@ -151,14 +151,12 @@ class _Geo:
         unshifted blocks share a kernel); the masks along H and W reach the kernels through the window types."""
         return dict(MD=self.ms[0])
 
-    def window_types(self, device: torch.device) -> torch.Tensor:
-        """(windows per sample,) int32: the type of the window at each position (its bias planes)."""
-        return _window_types(self.nwin, self.ms, str(device))
-
     def runtime(self, tokens: bool, np_: int, device: torch.device) -> tuple:
-        """The geometry arguments every kernel takes: token table, tokens per sample, windows per axis, samples."""
+        """The geometry arguments every kernel takes: token table, window-type table, tokens per sample, windows
+        per axis, samples."""
         return (_token_table(self.ws, self.ss, self.grid, self.nwin, tokens, np_, str(device)),
-                math.prod(self.grid), *self.nwin, self.bw // math.prod(self.nwin))
+                _window_types(self.nwin, self.ms, str(device)), math.prod(self.grid), *self.nwin,
+                self.bw // math.prod(self.nwin))
 
 
 def _padded_extent(n: int, cfg: Config) -> int:
@@ -421,7 +419,7 @@ def _launch(spec: LaunchSpec, device: torch.device, *args, **runtime):
 def _launch_fwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, lse, scale: float):
     spec = launch_specs(geo, tokens, q.dtype, _big(q), _config(q.device, geo.n))["fwd"]
     planes = _expand_bias(bias_table, geo, spec.constexprs["NP"], _plane_dtype(q.dtype))
-    _launch(spec, q.device, q, k, v, planes if kvp is None else kvp, planes, geo.window_types(q.device), o, lse,
+    _launch(spec, q.device, q, k, v, planes if kvp is None else kvp, planes, o, lse,
             *geo.runtime(tokens, spec.constexprs["NP"], q.device), scale * LOG2E, 0, **geo.shifts())
 
 
@@ -438,7 +436,6 @@ def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, d
     if not one_tile:
         planes, planes_t = planes
     kvp = planes if kvp is None else kvp  # windowed layout: no kv_pad (any valid pointer)
-    types = geo.window_types(dev)
     # bias-gradient partials: one fp32 (nqp, nkp) plane per range of windows and head; kv_pad partials: one
     # (2, d) pair per program
     f = specs["window" if one_tile else "db"].facts
@@ -447,15 +444,14 @@ def _launch_bwd(geo: _Geo, tokens: bool, q, k, v, kvp, bias_table, o, do, lse, d
     dkvp = torch.empty(g["ranges"] * geo.nh * g["nkt"] * 2 * geo.d if has_pad else 1, device=dev,
                        dtype=torch.float32)
     if one_tile:
-        _launch(specs["window"], dev, q, k, v, kvp, planes, types, o, do, lse, dq, dk, dv, dbp, dkvp, *gargs,
+        _launch(specs["window"], dev, q, k, v, kvp, planes, o, do, lse, dq, dk, dv, dbp, dkvp, *gargs,
                 scale * LOG2E, scale, 0, **rt)
     else:
         delta = torch.empty_like(lse)
         # 1. dQ + delta  2. bias partials  3. dK, dV (+ kv_pad partials)
-        _launch(specs["dq"], dev, q, k, v, kvp, planes, types, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0,
-                **rt)
-        _launch(specs["db"], dev, q, k, v, kvp, planes, types, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
-        _launch(specs["dkdv"], dev, q, k, v, kvp, planes_t, types, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E,
+        _launch(specs["dq"], dev, q, k, v, kvp, planes, o, do, lse, delta, dq, *gargs, scale * LOG2E, scale, 0, **rt)
+        _launch(specs["db"], dev, q, k, v, kvp, planes, do, lse, delta, dbp, *gargs, scale * LOG2E, 0, **rt)
+        _launch(specs["dkdv"], dev, q, k, v, kvp, planes_t, do, lse, delta, dk, dv, dkvp, *gargs, scale * LOG2E,
                 scale, 0, **rt)
     # 4. bias-table gradient: sum the partials over the ranges (a contiguous, deterministic reduction), then
     # gather the sum by table row, in a fixed order
