@@ -5,7 +5,8 @@
    reference computed in fp32 and in the input dtype; kernels are compiled in parallel worker processes;
 2. determinism of the backward (bitwise, twice);
 3. an optional sweep of launch configurations (``--sweep``);
-4. skipping the tiles the temporal shift mask leaves fully masked, on and off, at the fine-tuning shape;
+4. default choices against their alternatives: skipping the tiles the temporal shift mask leaves fully
+   masked, on and off, at the fine-tuning shape; the register caps of the forward and dQ;
 5. per-kernel times (torch.profiler) and fwd / bwd / fwd+bwd medians of the token entry point for the
    Swin-B stages (8 clips) against the eager reference, plus extra memory.
 
@@ -258,9 +259,10 @@ def sweep_configs():
     kernels = ("fwd", "dq", "db", "kv")
     every = lambda field, v: {f"{k}_{field}": v for k in kernels}  # noqa: E731
     return {
-        "default": G,  # register cap 168
-        "uncapped": r(G, maxnreg=0),  # the compiler's choice (240-255 registers: 2 CTAs of 4 warps per SM)
-        "reg128": r(G, maxnreg=128),  # 4 CTAs
+        "default": G,
+        "uncapped": r(G, **every("maxnreg", 0)),  # the compiler's choice (158-218 registers at stage 1)
+        "reg168": r(G, **every("maxnreg", 168)),  # 3 CTAs of 4 warps per SM for each (sessions 7-11)
+        "reg128": r(G, **every("maxnreg", 128)),  # 4 CTAs for each
         "stages1": r(G, **every("stages", 1)),
         "stages3": r(G, **every("stages", 3)),
         "bn128": r(G, fwd_bn=128, dq_bn=128, kv_bm=128),  # fewer, larger key (query) steps
@@ -444,16 +446,27 @@ def main():
                                                  if k in ("fwd", "bwd", "fwd_bwd", "fwd_bwd_graph"))
                                       if "error" not in t else t["error"]))
 
-    # 4. skipping the tiles the temporal shift mask leaves fully masked: on (default) vs off, at the fine-tuning
-    # shape (D = 16: two windows along D, the shift of 4 live; the pretraining grid has one window along D)
-    c_ft = _stage_case(SWIN_B_FINETUNE_STAGE1, True)
-    res["masked_tile_skip"] = {}
-    for name, on in (("skip", True), ("every_tile", False)):
-        K.set_config(dataclasses.replace(K.GPU_CONFIG, skip_masked_tiles=on))
-        res["masked_tile_skip"][name] = bench_case(c_ft, "triton")
-    K.set_config(None)
-    print("masked-tile skipping, ft_stage1 shifted (ms): " + "  ".join(
-        f"{n} {t['fwd_bwd_graph']:.3f}" for n, t in res["masked_tile_skip"].items()))
+    # 4. default choices against their alternative, each at the shape it matters for:
+    # - skipping the tiles the temporal shift mask leaves fully masked, on and off, at the fine-tuning shape
+    #   (D = 16: two windows along D, the shift of 4 live; the pretraining grid has one window along D);
+    # - the register caps of 128 for the forward and dQ (4 CTAs per SM) against 168 for all four kernels
+    G, r = K.GPU_CONFIG, dataclasses.replace
+    ab_tests = {
+        "masked_tile_skip": (_stage_case(SWIN_B_FINETUNE_STAGE1, True),
+                             dict(skip=G, every_tile=r(G, skip_masked_tiles=False))),
+        "register_caps_stage1": (_stage_case(SWIN_B_STAGES[0], True),
+                                 dict(fwd_dq_128=G, all_168=r(G, fwd_maxnreg=168, dq_maxnreg=168))),
+        "register_caps_stage3": (_stage_case(SWIN_B_STAGES[2], True),
+                                 dict(fwd_dq_128=G, all_168=r(G, fwd_maxnreg=168, dq_maxnreg=168))),
+    }
+    for test, (case, variants) in ab_tests.items():
+        res[test] = {}
+        for name, cfg in variants.items():
+            K.set_config(cfg)
+            res[test][name] = bench_case(case, "triton")
+        K.set_config(None)
+        print(f"{test}, {case['name']} (fwd / fwd+bwd graph ms): " + "  ".join(
+            f"{n} {t['fwd']:.3f} / {t['fwd_bwd_graph']:.3f}" for n, t in res[test].items()))
 
     # 5. profile + timings of the stages (default config)
     res["profile_stage1_shift"] = profile_kernels(_stage_case(SWIN_B_STAGES[0], True))

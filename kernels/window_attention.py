@@ -65,16 +65,23 @@ class Config:
     win_warps: int = 4
     win_stages: int = 2
     # no register cap for it: it holds P, dS, the bias-gradient partial and three gradients at once (255 registers,
-    # 2 CTAs per SM, no spills); img stage 1 fwd+bwd 0.54 ms with the common cap of 168 (476 B spills), 0.41 without
+    # 2 CTAs per SM, no spills); img stage 1 fwd+bwd 0.54 ms with a cap of 168 (476 B spills), 0.41 without
     win_maxnreg: int = 0
-    # register cap per thread for all kernels (0: the compiler's choice, 240-255 here: 2 CTAs of 4 warps per SM).
-    # 168 gives 3 CTAs at the price of small spills: stage 1 fwd+bwd 3.24 -> 2.93 ms (H100, 2026-11-23)
-    maxnreg: int = 168
+    # register caps per thread of the four multi-tile kernels (0: the compiler's choice). A CTA is 4 warps, so
+    # <= 168 registers give 3 CTAs per SM and <= 128 give 4. 168 for all four was 13 % faster than no cap in
+    # session 7, when every kernel took 240-255 (2 CTAs). Since session 11 the forward fits 128 without spills
+    # and dQ spills 28 bytes outside its key loop (sm_90, bf16, head dim 32), so both take 4 CTAs; the
+    # bias-gradient and dK/dV kernels spill in their inner loops at 128 (dK/dV at 128 was 20 % slower in
+    # session 7). A cap below 168 applies to 16-bit inputs of head dim <= 32 only (``_register_cap``)
+    fwd_maxnreg: int = 128
+    dq_maxnreg: int = 128
+    db_maxnreg: int = 168
+    kv_maxnreg: int = 168
 
 
 GPU_CONFIG = Config()
 # the interpreter runs programs one by one in numpy: small tiles exercise the tail logic at little cost
-INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1, maxnreg=0, win_maxnreg=0)
+INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1)
 _config_override: Config | None = None
 
 
@@ -350,7 +357,8 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.fwd_programs)
     specs["fwd"] = LaunchSpec(_k._fwd_kernel, (geo.bw // wpp * geo.nh * nqt,),
                               dict(common, **skip, WPP=wpp, BM=cfg.fwd_bm, NQF=nqf, BMT=bmt, NQT=nqt,
-                                   BN=cfg.fwd_bn, NKF=nkf, BNT=bnt), cfg.fwd_warps, cfg.fwd_stages, {})
+                                   BN=cfg.fwd_bn, NKF=nkf, BNT=bnt), cfg.fwd_warps, cfg.fwd_stages, {},
+                              maxnreg=_register_cap(cfg.fwd_maxnreg, geo, dtype))
     if cfg.one_tile_backward and geo.n <= min(cfg.dq_bm, cfg.dq_bn):
         # one (BT, BT) tile holds the window: one backward kernel, one bias-gradient plane per range and head
         bt = max(16, triton_next_pow2(geo.n))
@@ -358,7 +366,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
         window = LaunchSpec(_k._bwd_window_kernel, (geo.bw // wpp * geo.nh,), dict(common, WPP=wpp, BT=bt),
                             cfg.win_warps, cfg.win_stages, dict(ranges=geo.bw // wpp, nqp=bt, nkp=bt, nkt=1),
                             maxnreg=cfg.win_maxnreg)
-        return {**_capped(specs, cfg), "window": window}
+        return {**specs, "window": window}
     # dQ + delta: programs (query tile, head, range of windows)
     nqf, bmt = _split(geo.n, cfg.dq_bm)
     nkf, bnt = _split(geo.n, cfg.dq_bn)
@@ -366,7 +374,8 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     wpp = _windows_per_program(geo.bw, nqt * geo.nh, cfg.dq_programs)
     specs["dq"] = LaunchSpec(_k._bwd_dq_kernel, (geo.bw // wpp * geo.nh * nqt,),
                              dict(common, **skip, WPP=wpp, BM=cfg.dq_bm, NQF=nqf, BMT=bmt, NQT=nqt, BN=cfg.dq_bn,
-                                  NKF=nkf, BNT=bnt), cfg.dq_warps, cfg.dq_stages, {})
+                                  NKF=nkf, BNT=bnt), cfg.dq_warps, cfg.dq_stages, {},
+                             maxnreg=_register_cap(cfg.dq_maxnreg, geo, dtype))
     # bias-gradient partials: programs (query tile, key tile, head, range of windows); one plane per range
     nqf, bmt = _split(geo.n, cfg.db_bm)
     nkf, bnt = _split(geo.n, cfg.db_bn)
@@ -379,7 +388,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     specs["db"] = LaunchSpec(_k._bwd_dbias_kernel, (ranges * per_range,),
                              dict(common, **skip, WPP=wpp, NQP=nqp, NKP=nkp, BM=cfg.db_bm, NQF=nqf, BMT=bmt, NQT=nqt,
                                   BN=cfg.db_bn, NKF=nkf, BNT=bnt, NKT=nkt), cfg.db_warps, cfg.db_stages,
-                             dict(ranges=ranges, nqp=nqp, nkp=nkp))
+                             dict(ranges=ranges, nqp=nqp, nkp=nkp), maxnreg=_register_cap(cfg.db_maxnreg, geo, dtype))
     # dK, dV (+ kv_pad partials): programs (key tile, head, range of windows)
     nqf, bmt = _split(geo.n, cfg.kv_bm)
     nkf, bnt = _split(geo.n, cfg.kv_bn)
@@ -388,14 +397,17 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     specs["dkdv"] = LaunchSpec(_k._bwd_dkdv_kernel, (geo.bw // wpp * geo.nh * nkt,),
                                dict(common, **skip, WPP=wpp, BM=cfg.kv_bm, NQF=nqf, BMT=bmt, BN=cfg.kv_bn,
                                     NKF=nkf, BNT=bnt, NKT=nkt), cfg.kv_warps, cfg.kv_stages,
-                               dict(ranges=geo.bw // wpp, nkt=nkt))
-    return _capped(specs, cfg)
-
-
-def _capped(specs: dict, cfg: Config) -> dict:
-    if cfg.maxnreg:
-        specs = {name: dataclasses.replace(spec, maxnreg=cfg.maxnreg) for name, spec in specs.items()}
+                               dict(ranges=geo.bw // wpp, nkt=nkt), maxnreg=_register_cap(cfg.kv_maxnreg, geo, dtype))
     return specs
+
+
+def _register_cap(cap: int, geo: _Geo, dtype: torch.dtype) -> int:
+    """A configured cap below 168 holds for 16-bit inputs of head dim <= 32 (the shapes it was chosen at):
+    head dim 64 doubles the q / dO / accumulator registers and fp32 inputs their operand registers, and
+    there a cap of 128 spills in the inner loops (dQ at head dim 64: 132 bytes; fp32: 800+), so they get 168."""
+    if cap and cap < 168 and (geo.d > 32 or dtype == torch.float32):
+        return 168
+    return cap
 
 
 def _big(q: torch.Tensor) -> bool:

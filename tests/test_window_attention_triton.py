@@ -172,6 +172,25 @@ def test_bias_gradient_over_several_ranges():
         check_tokens(2, (2, 9, 8), 1, 16, (2, 7, 7), (1, 3, 3), (2, 7, 7))
 
 
+def test_register_caps_below_168_only_where_chosen():
+    """The GPU launch caps the forward and dQ at 128 registers (4 CTAs per SM) for 16-bit inputs of head
+    dim 32; head dim 64 and fp32 inputs, which spill at 128, get 168 like the other two kernels."""
+    G = KERN.GPU_CONFIG
+
+    def caps(d, dtype):
+        qkv = torch.empty(2, 8, 14, 14, 3, 2, d, dtype=dtype)
+        geo = KERN._tokens_geo(qkv, (8, 7, 7), (0, 3, 3), (8, 7, 7), (0, 3, 3))
+        return {k: s.maxnreg for k, s in KERN.launch_specs(geo, True, dtype, False, G).items()}
+
+    assert (G.fwd_maxnreg, G.dq_maxnreg) == (128, 128)
+    assert caps(32, torch.bfloat16) == caps(32, torch.float16) == dict(fwd=128, dq=128, db=168, dkdv=168)
+    assert caps(64, torch.bfloat16) == caps(32, torch.float32) == dict(fwd=168, dq=168, db=168, dkdv=168)
+    uncapped = KERN.Config(**{**vars(G), "fwd_maxnreg": 0})
+    qkv = torch.empty(2, 8, 14, 14, 3, 2, 64)
+    geo = KERN._tokens_geo(qkv, (8, 7, 7), (0, 3, 3), (8, 7, 7), (0, 3, 3))
+    assert KERN.launch_specs(geo, True, torch.float32, False, uncapped)["fwd"].maxnreg == 0
+
+
 SIXTEEN = dict(fwd_bm=16, fwd_bn=16, dq_bm=16, dq_bn=16, db_bm=16, db_bn=16, kv_bm=16, kv_bn=16)
 # (grid, window, shift, db_programs): the D shift mask splits the last window along D at token
 # (WD - MD) * WH * WW; with 16-token tiles some tiles lie on one side of it, and those the other side's
