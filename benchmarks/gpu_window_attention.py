@@ -14,8 +14,9 @@ Prints a short table last; writes everything to $OUT/window_attention_gpu.json (
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_window_attention.py [--sweep] [--workers 12] [--skip-check]
 
-``--offline-compile`` needs no GPU: it compiles every kernel of the correctness cases (and of the sweep's
-configurations) for sm_90 with the launchers' own specs and prints registers and spills from ptxas.
+``--offline-compile`` needs no GPU: it compiles every kernel of the correctness cases, of step 4's
+alternatives (and of the sweep's configurations) for sm_90 with the launchers' own specs and prints
+registers and spills from ptxas.
 """
 from __future__ import annotations
 
@@ -46,17 +47,21 @@ def _stage_case(s, shifted: bool, **kw):
                 d=s.head_dim, window=ws, shift=ss, mask=ss, table=s.window, **kw)
 
 
+def _image_case(s, shifted: bool):
+    """The image stream (official quirk: 7x7 windows, the half-window mask in every block)."""
+    return dict(name=f"{s.name}{'_shift' if shifted else ''}", batch=s.batch, grid=s.grid, heads=s.heads,
+                d=s.head_dim, window=(1, 7, 7), shift=(0, 3, 3) if shifted else (0, 0, 0), mask=(0, 3, 3),
+                table=s.window)
+
+
 def correctness_cases():
     cases = []
     for s in SWIN_B_STAGES:
         cases.append(_stage_case(s, False))
         if s.name != "stage4":
             cases.append(_stage_case(s, True))
-    for s in SWIN_B_IMAGE_STAGES:  # official image quirk: 7x7 windows, half-window mask in every block
-        for shifted in (False, True):
-            cases.append(dict(name=f"{s.name}{'_shift' if shifted else ''}", batch=s.batch, grid=s.grid,
-                              heads=s.heads, d=s.head_dim, window=(1, 7, 7), shift=(0, 3, 3) if shifted else (0, 0, 0),
-                              mask=(0, 3, 3), table=s.window))
+    for s in SWIN_B_IMAGE_STAGES:
+        cases += [_image_case(s, False), _image_case(s, True)]
     cases += [
         dict(name="img_stage4_quirk", batch=64, grid=(1, 7, 7), heads=32, d=32, window=(1, 7, 7), shift=(0, 0, 0),
              mask=(0, 3, 3), table=(8, 7, 7)),
@@ -271,6 +276,31 @@ def sweep_configs():
     }
 
 
+def ab_tests():
+    """Default launch choices against their alternatives, each at the shape it matters for: {test: (case,
+    {variant: Config})}, the default first.
+
+    - skipping the tiles the temporal shift mask leaves fully masked, on and off, at the fine-tuning shape
+      (D = 16: two windows along D, the shift of 4 live; the pretraining grid has one window along D);
+    - the register caps of 128 for the forward and dQ (4 CTAs per SM) against 168 for all four kernels;
+    - the one-tile backward (image path) without a cap (206 registers, 2 CTAs) against 168 (3 CTAs; 48 bytes
+      of spills since session 11, 476 when it was last timed) and 128 (4 CTAs; 84 bytes).
+    """
+    from bevt.kernels.window_attention import GPU_CONFIG as base
+
+    alt = dataclasses.replace
+    caps = dict(fwd_dq_128=base, all_168=alt(base, fwd_maxnreg=168, dq_maxnreg=168))
+    return {
+        "masked_tile_skip": (_stage_case(SWIN_B_FINETUNE_STAGE1, True),
+                             dict(skip=base, every_tile=alt(base, skip_masked_tiles=False))),
+        "register_caps_stage1": (_stage_case(SWIN_B_STAGES[0], True), caps),
+        "register_caps_stage3": (_stage_case(SWIN_B_STAGES[2], True), caps),
+        "one_tile_caps_img_stage1": (_image_case(SWIN_B_IMAGE_STAGES[0], True),
+                                     dict(uncapped=base, cap168=alt(base, win_maxnreg=168),
+                                          cap128=alt(base, win_maxnreg=128))),
+    }
+
+
 def _warm_config(args):
     name, cfg_dict, c = args
     from bevt.kernels import window_attention as K
@@ -364,6 +394,9 @@ def offline_main(workers: int, with_sweep: bool):
         if key not in seen:
             seen.add(key)
             jobs.append((c, dataclasses.asdict(K.GPU_CONFIG)))
+    for test, (case, variants) in ab_tests().items():
+        for name, cfg in list(variants.items())[1:]:  # the default's kernels are among the correctness cases'
+            jobs.append((dict(case, name=f"{test}:{name}"), dataclasses.asdict(cfg)))
     if with_sweep:
         c1 = _stage_case(SWIN_B_STAGES[0], True)
         for name, cfg in sweep_configs().items():
@@ -371,7 +404,7 @@ def offline_main(workers: int, with_sweep: bool):
     ctx = torch.multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
         for name, res in ex.map(_offline_case, jobs):
-            print(f"{name:<24} " + "  ".join(
+            print(f"{name:<34} " + "  ".join(
                 f"{k}: " + (v["error"][:120] if "error" in v else
                             f"{v['regs']} regs, {v['spill_bytes']} B spill, smem {v['shared']}, wgmma {v['wgmma']}, "
                             f"{v['compile_s']}s") for k, v in res.items()), flush=True)
@@ -446,20 +479,8 @@ def main():
                                                  if k in ("fwd", "bwd", "fwd_bwd", "fwd_bwd_graph"))
                                       if "error" not in t else t["error"]))
 
-    # 4. default choices against their alternative, each at the shape it matters for:
-    # - skipping the tiles the temporal shift mask leaves fully masked, on and off, at the fine-tuning shape
-    #   (D = 16: two windows along D, the shift of 4 live; the pretraining grid has one window along D);
-    # - the register caps of 128 for the forward and dQ (4 CTAs per SM) against 168 for all four kernels
-    G, r = K.GPU_CONFIG, dataclasses.replace
-    ab_tests = {
-        "masked_tile_skip": (_stage_case(SWIN_B_FINETUNE_STAGE1, True),
-                             dict(skip=G, every_tile=r(G, skip_masked_tiles=False))),
-        "register_caps_stage1": (_stage_case(SWIN_B_STAGES[0], True),
-                                 dict(fwd_dq_128=G, all_168=r(G, fwd_maxnreg=168, dq_maxnreg=168))),
-        "register_caps_stage3": (_stage_case(SWIN_B_STAGES[2], True),
-                                 dict(fwd_dq_128=G, all_168=r(G, fwd_maxnreg=168, dq_maxnreg=168))),
-    }
-    for test, (case, variants) in ab_tests.items():
+    # 4. default choices against their alternatives (see ab_tests)
+    for test, (case, variants) in ab_tests().items():
         res[test] = {}
         for name, cfg in variants.items():
             K.set_config(cfg)
