@@ -116,6 +116,17 @@ def _win_plane(TAB, WT, pos, h, NH: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _row_vec(P, offs, n, N: tl.constexpr, other, FULL: tl.constexpr):
+    """P[offs] for the query rows n of a tile (LSE, delta); rows n >= N (tile padding) read ``other``. A full
+    tile (FULL) has none, and its load is unmasked: a masked load of a vector in the scores' column layout
+    costs each asynchronous copy a select and a compare (~45 instructions per tile of the dK/dV loop)."""
+    if FULL:
+        return tl.load(P + offs)
+    else:
+        return tl.load(P + offs, mask=n < N, other=other)
+
+
+@triton.jit
 def _rows(n, smp, pos, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
           LAYOUT: tl.constexpr):
     """Per-token facts for token indices n (a vector, n < NP; n >= N are tile padding) of the window at position
@@ -367,9 +378,10 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, WT, D
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                 WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                FULL_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
-    the bias gradient is reduced over windows before anything is written (one plane per range, no atomics)."""
+    the bias gradient is reduced over windows before anything is written (one plane per range, no atomics).
+    FULL_Q: the query tile holds no tile padding (q0 + BLOCK_M <= N)."""
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
@@ -390,8 +402,8 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, WT, D
         q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
         lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
-        lse = tl.load(LSE + lrow, mask=nq < N, other=float("inf"))  # padded query rows: p = 0
-        delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
+        lse = _row_vec(LSE, lrow, nq, N, float("inf"), FULL_Q)  # padded query rows: p = 0
+        delta = _row_vec(DELTA, lrow, nq, N, 0.0, FULL_Q)
         # the window type's plane: the tile is reloaded per window (L1 / L2 hits; windows of one type share it)
         bias = _bias_tile(_win_plane(TAB, WT, pos, h, NH, NP), nq + wl * zero, k0, BLOCK_N, NP)
         s, k, v = _key_scores(q, bias, K, V, KVP, nk, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT,
@@ -420,35 +432,36 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, WT, DHW, nWd,
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                         qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
-                        NKP, BM, BN)
+                        NKP, BM, True, BN)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BM,
-                        BNT)
+                        True, BNT)
     elif BMT > 0:
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
-                        BN)
+                        False, BN)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
-                        BNT)
+                        False, BNT)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
 def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr):
+              BLOCK_M: tl.constexpr, FULL: tl.constexpr):
+    """dK, dV += the contributions of the query tile at q0 (FULL: no tile padding in it) to the key tile k, v."""
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
     q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
     lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
-    lse = tl.load(LSE + lrow, mask=nq < N, other=0.0)
-    delta = tl.load(DELTA + lrow, mask=nq < N, other=0.0)
+    lse = _row_vec(LSE, lrow, nq, N, 0.0, FULL)
+    delta = _row_vec(DELTA, lrow, nq, N, 0.0, FULL)
     # transposed scores: rows = keys, columns = queries (padded query columns are -inf in the bias)
     st = _dot(k, tl.trans(q), IEEE) * qk_scale + bias
     pt = tl.math.exp2(st - lse[None, :])
@@ -485,12 +498,12 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
             qt = first + i
             b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
             dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, smp, pos, h, qk_scale, TOK, DHW, NWS, NH,
-                               DH, N, NP, LAYOUT, IEEE, BM)
+                               DH, N, NP, LAYOUT, IEEE, BM, True)
         if BMT > 0:
             if tail:
                 b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
                 dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, smp, pos, h, qk_scale, TOK, DHW, NWS,
-                                   NH, DH, N, NP, LAYOUT, IEEE, BMT)
+                                   NH, DH, N, NP, LAYOUT, IEEE, BMT, False)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
         tl.store(DV + row_k[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=real_k[:, None])
