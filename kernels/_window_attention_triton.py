@@ -157,10 +157,28 @@ def _rows(n, smp, pos, h, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr, N: 
 
 
 @triton.jit
+def _token_rows(P, row, dcol, real, MASKED: tl.constexpr):
+    """The (tile rows, DH) block of P at element offsets row; with MASKED, rows that are not real read 0.
+
+    Every row offset points into the tensor (``_rows`` sends tile padding and padded tokens to the sample's
+    first token), so the mask is needed only where the values of such rows would matter: tile padding of a
+    tail tile (a non-finite value in that first token must not reach other windows through a -inf bias
+    column) and, in a padded grid, the q and dO of padded tokens (dO = 0: their outputs are dropped; q as
+    in the forward, which wrote their LSE). So full tiles load k, v unmasked (padded tokens' k, v are
+    replaced by kv_pad), and q, dO too in an unpadded grid: a masked load costs each asynchronous copy a
+    select and a compare in the inner loops."""
+    if MASKED:
+        return tl.load(P + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+    else:
+        return tl.load(P + row[:, None] + dcol[None, :])
+
+
+@triton.jit
 def _load_kv(K, V, KVP, h, n, real, row, dcol, NH: tl.constexpr, DH: tl.constexpr, N: tl.constexpr,
-             HAS_PAD: tl.constexpr, IEEE: tl.constexpr):
-    k = tl.load(K + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
-    v = tl.load(V + row[:, None] + dcol[None, :], mask=real[:, None], other=0.0)
+             HAS_PAD: tl.constexpr, IEEE: tl.constexpr, FULL: tl.constexpr):
+    """k, v rows of key tokens n (padded tokens: kv_pad). FULL: the tile holds no tile padding (see _token_rows)."""
+    k = _token_rows(K, row, dcol, real, not FULL)
+    v = _token_rows(V, row, dcol, real, not FULL)
     if HAS_PAD:  # the grid is padded (token layout)
         pad = (n < N) & (real == 0)
         kp = tl.load(KVP + h * DH + dcol)
@@ -220,13 +238,14 @@ _RUNTIME = ["DHW", "nWd", "nWh", "nWw", "NB", "MD", "zero"]
 
 @triton.jit
 def _key_scores(q, bias, K, V, KVP, nk, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr, DH: tl.constexpr,
-                N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr):
+                N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
+                FULL: tl.constexpr):
     """Scores of query rows q against key tokens nk of window (smp, pos), in the exp2 domain (q.k * scale * log2 e
     + the bias tile, whose planes are pre-scaled by log2 e and hold the window type's shift mask); also
-    returns the keys' k and v (the forward, dQ and bias-gradient kernels)."""
+    returns the keys' k and v (the forward, dQ and bias-gradient kernels). FULL: a key tile without padding."""
     dcol = tl.arange(0, DH)
     real_k, row_k, _ = _rows(nk, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
-    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+    k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE, FULL)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias
     return s, k, v
 
@@ -235,9 +254,9 @@ def _key_scores(q, bias, K, V, KVP, nk, smp, pos, h, qk_scale, TOK, DHW, NWS, NH
 @triton.jit
 def _fwd_kstep(q, bias, m_i, l_i, acc, K, V, KVP, k0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
                DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
-               IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+               IEEE: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr):
     s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH,
-                          N, NP, LAYOUT, HAS_PAD, IEEE)
+                          N, NP, LAYOUT, HAS_PAD, IEEE, FULL)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
@@ -270,12 +289,12 @@ def _fwd_tile(Q, K, V, KVP, TAB, O, LSE, q0, r, h, TOK, WT, DHW, nWd, nWh, nWw, 
             kt = first + i
             b = _bias_tile(bias_h, a_qw, kt * BN, BN, NP)
             m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, kt * BN, smp, pos, h, qk_scale, TOK, DHW, NWS,
-                                       NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BN)
+                                       NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BN, True)
         if BNT > 0:
             if tail:
                 b = _bias_tile(bias_h, a_qw, NKF * BN, BNT, NP)
                 m_i, l_i, acc = _fwd_kstep(q, b, m_i, l_i, acc, K, V, KVP, NKF * BN, smp, pos, h, qk_scale, TOK, DHW,
-                                           NWS, NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
+                                           NWS, NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT, False)
         o = acc / l_i[:, None]
         tl.store(O + row_o[:, None] + dcol[None, :], _cvt(o, O.dtype.element_ty, IEEE), mask=real_q[:, None])
         tl.store(LSE + ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq, m_i + tl.math.log2(l_i), mask=nq < N)
@@ -304,9 +323,9 @@ def _fwd_kernel(Q, K, V, KVP, TAB, O, LSE, TOK, WT, DHW, nWd, nWh, nWw, NB, qk_s
 @triton.jit
 def _dq_kstep(q, do, lse, delta, bias, dq, K, V, KVP, k0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
               DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+              IEEE: tl.constexpr, BLOCK_N: tl.constexpr, FULL: tl.constexpr):
     s, k, v = _key_scores(q, bias, K, V, KVP, k0 + tl.arange(0, BLOCK_N), smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH,
-                          N, NP, LAYOUT, HAS_PAD, IEEE)
+                          N, NP, LAYOUT, HAS_PAD, IEEE, FULL)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])  # dL/d(score), natural units
@@ -342,12 +361,12 @@ def _dq_tile(Q, K, V, KVP, TAB, O, DO, LSE, DELTA, DQ, q0, r, h, TOK, WT, DHW, n
             kt = first + i
             b = _bias_tile(bias_h, nqw, kt * BN, BN, NP)
             dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, kt * BN, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH,
-                           N, NP, LAYOUT, HAS_PAD, IEEE, BN)
+                           N, NP, LAYOUT, HAS_PAD, IEEE, BN, True)
         if BNT > 0:
             if tail:
                 b = _bias_tile(bias_h, nqw, NKF * BN, BNT, NP)
                 dq = _dq_kstep(q, do, lse, delta, b, dq, K, V, KVP, NKF * BN, smp, pos, h, qk_scale, TOK, DHW, NWS, NH,
-                               DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT)
+                               DH, N, NP, LAYOUT, HAS_PAD, IEEE, BNT, False)
         tl.store(DQ + row_q[:, None] + dcol[None, :], _cvt(dq * sm_scale, DQ.dtype.element_ty, IEEE),
                  mask=real_q[:, None])
         smp, pos = _next_window(smp, pos, NB)
@@ -378,10 +397,10 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, WT, D
                 NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                 NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                 WPP: tl.constexpr, SKIP: tl.constexpr, NQP: tl.constexpr, NKP: tl.constexpr, BLOCK_M: tl.constexpr,
-                FULL_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+                FULL_Q: tl.constexpr, BLOCK_N: tl.constexpr, FULL_K: tl.constexpr):
     """dS of one (query tile, key tile) pair summed over the WPP windows of range r, in one fp32 register tile:
     the bias gradient is reduced over windows before anything is written (one plane per range, no atomics).
-    FULL_Q: the query tile holds no tile padding (q0 + BLOCK_M <= N)."""
+    FULL_Q / FULL_K: the query / key tile holds no tile padding (q0 + BLOCK_M <= N)."""
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
@@ -399,15 +418,15 @@ def _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, q0, k0, r, h, TOK, WT, D
     smp, pos = _first_window(r * WPP, NB)
     for wl in range(n_win):
         real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
-        q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-        do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+        q = _token_rows(Q, row_q, dcol, real_q, HAS_PAD | (not FULL_Q))
+        do = _token_rows(DO, row_o, dcol, real_q, HAS_PAD | (not FULL_Q))
         lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
         lse = _row_vec(LSE, lrow, nq, N, float("inf"), FULL_Q)  # padded query rows: p = 0
         delta = _row_vec(DELTA, lrow, nq, N, 0.0, FULL_Q)
         # the window type's plane: the tile is reloaded per window (L1 / L2 hits; windows of one type share it)
         bias = _bias_tile(_win_plane(TAB, WT, pos, h, NH, NP), nq + wl * zero, k0, BLOCK_N, NP)
         s, k, v = _key_scores(q, bias, K, V, KVP, nk, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT,
-                              HAS_PAD, IEEE)
+                              HAS_PAD, IEEE, FULL_K)
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         acc += p * (dp - delta[:, None])
@@ -432,33 +451,33 @@ def _bwd_dbias_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, TOK, WT, DHW, nWd,
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, kt * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                         qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP,
-                        NKP, BM, True, BN)
+                        NKP, BM, True, BN, True)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, qt * BM, NKF * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BM,
-                        True, BNT)
+                        True, BNT, False)
     elif BMT > 0:
         if kt < NKF:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, kt * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
-                        False, BN)
+                        False, BN, True)
         elif BNT > 0:
             _dbias_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DBP, NQF * BM, NKF * BN, r, h, TOK, WT, DHW, nWd, nWh, nWw,
                         NB, qk_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NQP, NKP, BMT,
-                        False, BNT)
+                        False, BNT, False)
 
 
 # ----------------------------------------------------------------------------- backward: dK, dV
 @triton.jit
 def _kv_qstep(k, v, bias, dk, dv, Q, DO, LSE, DELTA, q0, smp, pos, h, qk_scale, TOK, DHW, NWS, NH: tl.constexpr,
-              DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, FULL: tl.constexpr):
+              DH: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, FULL: tl.constexpr):
     """dK, dV += the contributions of the query tile at q0 (FULL: no tile padding in it) to the key tile k, v."""
     dcol = tl.arange(0, DH)
     nq = q0 + tl.arange(0, BLOCK_M)
     real_q, row_q, row_o = _rows(nq, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
-    q = tl.load(Q + row_q[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
-    do = tl.load(DO + row_o[:, None] + dcol[None, :], mask=real_q[:, None], other=0.0)
+    q = _token_rows(Q, row_q, dcol, real_q, HAS_PAD | (not FULL))
+    do = _token_rows(DO, row_o, dcol, real_q, HAS_PAD | (not FULL))
     lrow = ((smp * NWS + pos) * NH + h).to(tl.int64) * N + nq
     lse = _row_vec(LSE, lrow, nq, N, 0.0, FULL)
     delta = _row_vec(DELTA, lrow, nq, N, 0.0, FULL)
@@ -477,7 +496,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
                sm_scale, zero, NH: tl.constexpr, DH: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                NP: tl.constexpr, MD, LAYOUT: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                WPP: tl.constexpr, SKIP: tl.constexpr, NKT: tl.constexpr, BM: tl.constexpr, NQF: tl.constexpr,
-               BMT: tl.constexpr, BLOCK_N: tl.constexpr):
+               BMT: tl.constexpr, BLOCK_N: tl.constexpr, FULL_K: tl.constexpr):
     N: tl.constexpr = WD * WH * WW
     dcol = tl.arange(0, DH)
     nk = k0 + tl.arange(0, BLOCK_N)
@@ -487,7 +506,7 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
     smp, pos = _first_window(r * WPP, NB)
     for wl in range(WPP):
         real_k, row_k, _ = _rows(nk, smp, pos, h, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT)
-        k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE)
+        k, v = _load_kv(K, V, KVP, h, nk, real_k, row_k, dcol, NH, DH, N, HAS_PAD, IEEE, FULL_K)
         bias_h = _win_plane(TAB, WT, pos, h, NH, NP)  # transposed planes: rows = keys
         dk = tl.zeros((BLOCK_N, DH), tl.float32)
         dv = tl.zeros((BLOCK_N, DH), tl.float32)
@@ -498,12 +517,12 @@ def _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, k0, kt, r, h, TO
             qt = first + i
             b = _bias_tile(bias_h, a_kw, qt * BM, BM, NP)
             dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, qt * BM, smp, pos, h, qk_scale, TOK, DHW, NWS, NH,
-                               DH, N, NP, LAYOUT, IEEE, BM, True)
+                               DH, N, NP, LAYOUT, HAS_PAD, IEEE, BM, True)
         if BMT > 0:
             if tail:
                 b = _bias_tile(bias_h, a_kw, NQF * BM, BMT, NP)
                 dk, dv = _kv_qstep(k, v, b, dk, dv, Q, DO, LSE, DELTA, NQF * BM, smp, pos, h, qk_scale, TOK, DHW, NWS,
-                                   NH, DH, N, NP, LAYOUT, IEEE, BMT, False)
+                                   NH, DH, N, NP, LAYOUT, HAS_PAD, IEEE, BMT, False)
         dk = dk * sm_scale
         tl.store(DK + row_k[:, None] + dcol[None, :], _cvt(dk, DK.dtype.element_ty, IEEE), mask=real_k[:, None])
         tl.store(DV + row_k[:, None] + dcol[None, :], _cvt(dv, DV.dtype.element_ty, IEEE), mask=real_k[:, None])
@@ -532,11 +551,11 @@ def _bwd_dkdv_kernel(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, TOK, WT, D
     if kt < NKF:
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, kt * BN, kt, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                    qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
-                   BM, NQF, BMT, BN)
+                   BM, NQF, BMT, BN, True)
     elif BNT > 0:  # a tail tile exists (constexpr: no dead zero-size tile is compiled)
         _dkdv_tile(Q, K, V, KVP, TAB, DO, LSE, DELTA, DK, DV, DKVP, NKF * BN, kt, r, h, TOK, WT, DHW, nWd, nWh, nWw, NB,
                    qk_scale, sm_scale, zero, NH, DH, WD, WH, WW, NP, MD, LAYOUT, HAS_PAD, IEEE, WPP, SKIP, NKT,
-                   BM, NQF, BMT, BNT)
+                   BM, NQF, BMT, BNT, False)
 
 
 # ----------------------------------------------------------------------------- backward: one-tile windows
@@ -572,7 +591,7 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
         # registers across the loop (hoisted, the kernel spilled more)
         bias = _bias_tile(_win_plane(TAB, WT, pos, h, NH, NP), n + wl * zero, 0, BT, NP)
         s, k, v = _key_scores(q, bias, K, V, KVP, n, smp, pos, h, qk_scale, TOK, DHW, NWS, NH, DH, N, NP, LAYOUT,
-                              HAS_PAD, IEEE)
+                              HAS_PAD, IEEE, N == BT)
         p = tl.math.exp2(s - lse[:, None])
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])  # dL/d(score), natural units
         dbacc += ds

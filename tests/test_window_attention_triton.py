@@ -192,6 +192,24 @@ def test_register_caps_below_168_only_where_chosen():
 
 
 SIXTEEN = dict(fwd_bm=16, fwd_bn=16, dq_bm=16, dq_bn=16, db_bm=16, db_bn=16, kv_bm=16, kv_bn=16)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over the NaN window's rows
+def test_a_non_finite_token_stays_in_its_window():
+    """Tile padding rows point at the sample's first token (valid memory; full tiles load unmasked): a NaN
+    there must not reach the other window of the sample through a tail tile, as in the reference, where
+    only the window holding it turns NaN. 98-token windows as 6 full 16-token tiles plus a tail."""
+    geo = dict(window_size=(2, 7, 7), shift_size=(0, 0, 0), table_window_size=(2, 7, 7))
+    qkv, table, _, do = make(1, (2, 7, 14), 1, 16, (2, 7, 7), torch.bfloat16, seed=5)
+    qkv[0, 0, 0, 0] = float("nan")  # q, k and v of the first token of window 0
+    with tiles(**SIXTEEN):
+        tri = run_tokens(qkv, table, None, do, "triton", **geo)
+    ref_hi = run_tokens(qkv.float(), table, None, do.float(), "ref", **geo)
+    ref_lo = run_tokens(qkv, table, None, do, "ref", **geo)
+    assert tri[0][..., :7, :, :].isnan().any()  # the NaN's own window
+    for name, i in (("out", 0), ("dqkv", 1)):  # window 1: columns 7..13 of W
+        compare(name, tri[i][:, :, :, 7:], ref_hi[i][:, :, :, 7:], ref_lo[i][:, :, :, 7:], name == "out")
 # (grid, window, shift, db_programs): the D shift mask splits the last window along D at token
 # (WD - MD) * WH * WW; with 16-token tiles some tiles lie on one side of it, and those the other side's
 # tiles skip. 40 tokens = 2 full tiles + a tail, split 20: tile 0 skips the tail and vice versa;
