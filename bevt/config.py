@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -171,7 +172,9 @@ class OptimConfig:
     """Use apex's FusedAdam if installed (torch's fused AdamW otherwise)."""
 
     def __post_init__(self):
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be finite and > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr} "
+               f"(below 0 the cosine ends in gradient ascent)")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.epochs > 0, f"optim.epochs must be > 0, got {self.epochs}")
         _check(0 <= self.warmup_epochs <= self.epochs, f"optim.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
@@ -381,7 +384,8 @@ def _parse_sequence(text: str, tp: Any) -> list:
 def apply_overrides(cfg, overrides: list[str]):
     """Return a new config with ``section.field=value`` overrides applied and everything re-validated.
 
-    An override of ``data.root`` without one of ``data.synthesize_if_missing`` also sets the latter to false."""
+    An override of ``data.root`` without one of ``data.synthesize_if_missing`` also sets the latter to false, and
+    one of ``model.init_from`` without one of ``model.init_optional`` the latter."""
     data = to_dict(cfg)
     for ov in overrides:
         if "=" not in ov:
@@ -412,6 +416,10 @@ def apply_overrides(cfg, overrides: list[str]):
         # a run pointed at its own data means that data: a mistyped path must be an error, not a synthetic
         # dataset generated there because the recipe (the embedded default) synthesizes into its own root
         data["data"]["synthesize_if_missing"] = False
+    if "model.init_from" in keys and "model.init_optional" not in keys and data.get("model", {}).get(
+            "init_optional"):
+        # the same for weights: a checkpoint asked for by name must load, not fall back to training from scratch
+        data["model"]["init_optional"] = False
     return from_dict(type(cfg), data)
 
 

@@ -398,3 +398,16 @@ def test_bad_input_errors(synth_dataset, tiny_finetune, tmp_path, capsys):
     assert main(["finetune", "--set", f"data.root={synth_dataset.root}", "--set", "model.init_from=/no/such",
                  "--set", "model.init_optional=false", "--set", "run.progress=false"]) == 2
     assert re.search(r"checkpoint not found: /no/such", capsys.readouterr().err)
+
+
+def test_an_init_checkpoint_named_by_hand_must_load(tmp_path):
+    """The default recipe fine-tunes from scratch when its own pretraining run is absent, but a checkpoint
+    named with --set model.init_from is meant: a mistyped path fails instead of training from scratch."""
+    from bevt.train.finetune import build_config
+
+    assert build_config("default", []).model.init_optional
+    typo = str(tmp_path / "runs" / "defualt")
+    cfg = build_config("default", [f"model.init_from={typo}", "data.num_workers=0"])
+    assert not cfg.model.init_optional
+    assert build_config("default", [f"model.init_from={typo}", "model.init_optional=true"]).model.init_optional
+    # (that init_optional=false makes a missing checkpoint an error: test_bad_input_errors above)

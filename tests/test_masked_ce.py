@@ -342,3 +342,17 @@ def test_triton_in_fresh_interpreter_process():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-k", "triton and not fresh"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_ref_counts_every_masked_target_and_refuses_integer_inputs():
+    """F.cross_entropy's default ignore_index (-100) would drop such a target from the sum while the mean
+    still counted it (the loss silently halved here); the reference raises like for any id outside [0, V).
+    Integer hidden states would have cast the head to integers."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(1, 4, 8, generator=g), torch.randn(16, 8, generator=g)
+    t, m = torch.randint(0, 16, (1, 4), generator=g), torch.ones(1, 4, dtype=torch.bool)
+    t[0, 2:] = -100
+    with pytest.raises(IndexError):
+        masked_ce(h, m, w, None, t, backend="ref")
+    with pytest.raises(ValueError, match="floating point"):
+        masked_ce(h.round().long(), m, w, None, t.clamp(min=0), backend="ref")

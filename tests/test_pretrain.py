@@ -12,6 +12,7 @@ import torch
 
 from bevt.config import ConfigError
 from bevt.recipes import RECIPES
+from bevt.train import checkpoint as ckpt
 from bevt.train.pretrain import build_config, pretrain
 
 TINY = [
@@ -544,3 +545,26 @@ def test_a_dataset_of_unreadable_videos_is_one_clear_error(synth_dataset, tokeni
     w = SkippedFileWarning("skipping unreadable file a.mp4: empty file (0 bytes)")
     assert warnings.formatwarning(w, SkippedFileWarning, "fetch.py", 54) == f"bevt: {w}\n"
     assert warnings.formatwarning("x", UserWarning, "f.py", 1).startswith("f.py:1: UserWarning: x")
+
+
+def test_a_fresh_run_does_not_write_into_an_earlier_runs_checkpoints(synth_dataset, tokenizer_file, tmp_path):
+    """A second run without --resume in the same folder stops before any work, naming --resume auto; the
+    first run's checkpoint stays. Pruning never removes the checkpoint just written."""
+    run = tmp_path / "run"
+    first = pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2"))["checkpoint"]
+    with pytest.raises(ConfigError, match="--resume auto"):
+        pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1", "optim.lr=1e-4"))
+    assert os.listdir(run / "checkpoints") == [os.path.basename(first)]
+    with pytest.raises(ConfigError, match="is a file"):
+        pretrain(tiny(synth_dataset, tokenizer_file, run / "config.json"))
+    model = torch.nn.Linear(2, 2)
+    for step in (5, 1):  # a step below the folder's latest
+        kept = ckpt.save_checkpoint(str(tmp_path / "k"), step, model=model, trainer_state={}, config={}, keep_last=1)
+    assert os.path.basename(kept) in os.listdir(tmp_path / "k" / "checkpoints")
+
+
+def test_learning_rates_must_be_finite_and_the_floor_below_the_peak():
+    for bad in ("optim.min_lr=-1", "optim.min_lr=1", "optim.lr=1e999"):
+        with pytest.raises(ConfigError, match="optim"):
+            build_config("default", [bad])
+    assert build_config("default", ["optim.min_lr=1e-6"]).optim.min_lr == 1e-6

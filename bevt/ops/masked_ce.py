@@ -24,6 +24,9 @@ from bevt.ops import backend as _be
 OP = "masked_ce"
 
 
+_NO_IGNORE = -(2 ** 62)  # an ignore_index no target can take
+
+
 def masked_ce_ref(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: gather the masked rows, then linear + ``F.cross_entropy``. Returns (loss, accuracy).
@@ -40,7 +43,9 @@ def masked_ce_ref(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
         if bias is not None:
             zero = zero + bias.sum() * 0.0
         return zero, zero.detach()
-    loss = F.cross_entropy(logits_MV, t_M, reduction="sum") / count
+    # no ignored class: F.cross_entropy's default ignore_index (-100) would drop such a target from the sum
+    # while the mean still counts it; every masked target must be a codebook id
+    loss = F.cross_entropy(logits_MV, t_M, reduction="sum", ignore_index=_NO_IGNORE) / count
     acc = (logits_MV.detach().argmax(-1) == t_M).float().sum() / count
     return loss, acc
 
@@ -116,6 +121,10 @@ def masked_ce(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
         raise ValueError(f"masked_ce: target shape {tuple(target.shape)} does not match mask {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"masked_ce: mask must be bool, got {mask.dtype}")
+    if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point or (
+            bias is not None and not bias.dtype.is_floating_point):
+        raise ValueError(f"masked_ce: hidden, weight and bias must be floating point, got {hidden.dtype}, "
+                         f"{weight.dtype}" + ("" if bias is None else f" and {bias.dtype}"))
     if target.dtype not in (torch.int64, torch.int32, torch.int16):
         raise ValueError(f"masked_ce: target must be an integer tensor, got {target.dtype}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:

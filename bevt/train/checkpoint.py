@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bevt.config import ConfigError
+
 from bevt.train.distributed import AllReduceParallel
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -92,8 +94,24 @@ def save_checkpoint(run_dir: str, step: int, *, model: torch.nn.Module, trainer_
         shutil.rmtree(final)
     os.replace(tmp, final)
     for _, path in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != final:  # (a run's own checkpoints all precede it; never prune what was just written)
+            shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def check_run_folder(run_dir: str, resume: str | None) -> None:
+    """Before a run does any work: ``run.out_dir`` names a folder (or nothing yet), and a fresh run (no
+    --resume) does not start in a folder holding an earlier run's checkpoints: its own would interleave with
+    them, ``keep_last`` would prune by step across both runs, and ``--resume auto`` would later pick either."""
+    if not run_dir:
+        raise ConfigError("run.out_dir is empty: name the folder the run writes to")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"run.out_dir={run_dir!r} is a file, not a folder")
+    existing = checkpoint_dirs(run_dir)
+    if not resume and existing:
+        raise ConfigError(f"run.out_dir={run_dir!r} holds checkpoints of an earlier run (latest: step "
+                          f"{existing[-1][0]}); continue it with --resume auto, or start this run in another folder "
+                          f"(--set run.out_dir=...) or after removing {os.path.join(run_dir, 'checkpoints')}")
 
 
 def resolve_resume(resume: str, run_dir: str) -> str | None:

@@ -250,8 +250,10 @@ class PretrainStep:
         return out["loss"], out, counts
 
 
-def describe_backends(device: torch.device) -> dict[str, str]:
-    """Which backend ``auto`` resolves to on this device for each op (for the run summary)."""
+def describe_backends(device: torch.device, strict: bool = False) -> dict[str, str]:
+    """Which backend each op's setting (``kernels.*``, else ``BEVT_KERNELS``, else auto) resolves to on this
+    device (for the run summary). ``strict``: a backend asked for explicitly that cannot run here raises
+    ConfigError naming the setting, instead of being reported."""
     from bevt.ops import backend as be
     from bevt.ops.masked_ce import can_run_triton as ce_ok
     from bevt.ops.masking import can_run_cuda
@@ -272,6 +274,9 @@ def describe_backends(device: torch.device) -> dict[str, str]:
         try:
             out[op] = be.choose(op, None, p)
         except be.BackendUnavailable as e:
+            if strict:
+                raise ConfigError(f"kernels.{op}={be.get_default_backend(op)} cannot run here: {e} (set "
+                                  f"kernels.{op}=auto or ref)") from None
             out[op] = f"unavailable ({e})"
     return out
 
@@ -304,10 +309,13 @@ def check_cuda_graph(run, device: torch.device) -> None:
 
 
 def preflight(run, device: torch.device, dist: DistInfo, resume: str) -> None:
-    """What a training job checks before any data or tokenizer work: the CUDA-graph setting, the --resume
-    path (a wrong one fails at once), and the speed hint."""
+    """What a training job checks before any data or tokenizer work: the CUDA-graph setting, the output
+    folder and the --resume path (a wrong one fails at once; a fresh run never writes into an earlier run's
+    checkpoints), that every kernel backend asked for explicitly can run here, and the speed hint."""
     check_cuda_graph(run, device)
+    ckpt.check_run_folder(run.out_dir, resume)
     ckpt.resolve_resume(resume, run.out_dir)
+    describe_backends(device, strict=True)
     speed_hint(run, device, dist)
 
 
