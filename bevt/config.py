@@ -381,11 +381,17 @@ def _parse_sequence(text: str, tp: Any) -> list:
     return out
 
 
+# A path set by hand means that path: a mistyped one must be an error, not the recipe's fallback for its own
+# default (the embedded default synthesizes data into its own root, and fine-tunes from scratch when its own
+# pretraining run is absent). Overriding the key without the flag turns the fallback off.
+_NAMED_MEANS_REQUIRED = {"data.root": "data.synthesize_if_missing", "model.init_from": "model.init_optional"}
+
+
 def apply_overrides(cfg, overrides: list[str]):
     """Return a new config with ``section.field=value`` overrides applied and everything re-validated.
 
-    An override of ``data.root`` without one of ``data.synthesize_if_missing`` also sets the latter to false, and
-    one of ``model.init_from`` without one of ``model.init_optional`` the latter."""
+    An override of ``data.root`` or ``model.init_from`` without its fallback flag also turns that flag off
+    (``_NAMED_MEANS_REQUIRED``)."""
     data = to_dict(cfg)
     for ov in overrides:
         if "=" not in ov:
@@ -411,15 +417,10 @@ def apply_overrides(cfg, overrides: list[str]):
                 except ConfigError as e:
                     raise ConfigError(f"override {key!r}: {e}") from None
     keys = {ov.split("=", 1)[0].strip() for ov in overrides}
-    if "data.root" in keys and "data.synthesize_if_missing" not in keys and data.get("data", {}).get(
-            "synthesize_if_missing"):
-        # a run pointed at its own data means that data: a mistyped path must be an error, not a synthetic
-        # dataset generated there because the recipe (the embedded default) synthesizes into its own root
-        data["data"]["synthesize_if_missing"] = False
-    if "model.init_from" in keys and "model.init_optional" not in keys and data.get("model", {}).get(
-            "init_optional"):
-        # the same for weights: a checkpoint asked for by name must load, not fall back to training from scratch
-        data["model"]["init_optional"] = False
+    for key, flag in _NAMED_MEANS_REQUIRED.items():
+        section, name = flag.split(".")
+        if key in keys and flag not in keys and data.get(section, {}).get(name):
+            data[section][name] = False
     return from_dict(type(cfg), data)
 
 

@@ -401,12 +401,15 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     return specs
 
 
+_WIDE_TILE_CAP = 168  # 3 CTAs of 4 warps per SM
+
+
 def _register_cap(cap: int, geo: _Geo, dtype: torch.dtype) -> int:
     """A configured cap below 168 holds for 16-bit inputs of head dim <= 32 (the shapes it was chosen at):
     head dim 64 doubles the q / dO / accumulator registers and fp32 inputs their operand registers, and
     there a cap of 128 spills in the inner loops (dQ at head dim 64: 132 bytes; fp32: 800+), so they get 168."""
-    if cap and cap < 168 and (geo.d > 32 or dtype == torch.float32):
-        return 168
+    if cap and cap < _WIDE_TILE_CAP and (geo.d > 32 or dtype == torch.float32):
+        return _WIDE_TILE_CAP
     return cap
 
 

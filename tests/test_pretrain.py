@@ -568,3 +568,12 @@ def test_learning_rates_must_be_finite_and_the_floor_below_the_peak():
         with pytest.raises(ConfigError, match="optim"):
             build_config("default", [bad])
     assert build_config("default", ["optim.min_lr=1e-6"]).optim.min_lr == 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA mask kernel can run on this machine")
+def test_a_kernel_backend_that_cannot_run_here_stops_the_run_before_any_work(tmp_path):
+    """Checked in the preflight: the missing dataset is never reached, and the message names the setting."""
+    cfg = build_config("default", [f"data.root={tmp_path / 'none'}", f"run.out_dir={tmp_path / 'run'}",
+                                   "kernels.masking=cuda"])
+    with pytest.raises(ConfigError, match="kernels.masking=cuda .*cannot run here"):
+        pretrain(cfg)

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bevt.config import ConfigError
-
 from bevt.train.distributed import AllReduceParallel
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -275,8 +275,8 @@ def describe_backends(device: torch.device, strict: bool = False) -> dict[str, s
             out[op] = be.choose(op, None, p)
         except be.BackendUnavailable as e:
             if strict:
-                raise ConfigError(f"kernels.{op}={be.get_default_backend(op)} cannot run here: {e} (set "
-                                  f"kernels.{op}=auto or ref)") from None
+                raise ConfigError(f"kernels.{op}={be.get_default_backend(op)} (from the config or BEVT_KERNELS) "
+                                  f"cannot run here: {e} (set kernels.{op}=auto or ref)") from None
             out[op] = f"unavailable ({e})"
     return out
 
