@@ -64,14 +64,17 @@ class Config:
     one_tile_backward: bool = True
     win_warps: int = 4
     win_stages: int = 2
-    # no register cap for it: it holds P, dS, the bias-gradient partial and three gradients at once (255 registers,
-    # 2 CTAs per SM, no spills); img stage 1 fwd+bwd 0.54 ms with a cap of 168 (476 B spills), 0.41 without
-    win_maxnreg: int = 0
+    # it holds P, dS, the bias-gradient partial and three gradients at once. Session 7: uncapped (255 registers,
+    # 2 CTAs per SM) 0.41 ms img stage 1 fwd+bwd, a cap of 168 0.54 (476 B of spills). After the session-11/12
+    # instruction cuts (session 13, H100): uncapped 0.377, 168 0.366 (48 B), 128 0.364 ms (84 B, 4 CTAs).
+    # Head dim > 32 and fp32 inputs keep the compiler's choice (``_register_cap``: not measured there)
+    win_maxnreg: int = 128
     # register caps per thread of the four multi-tile kernels (0: the compiler's choice). A CTA is 4 warps, so
     # <= 168 registers give 3 CTAs per SM and <= 128 give 4. 168 for all four was 13 % faster than no cap in
     # session 7, when every kernel took 240-255 (2 CTAs). Since session 11 the forward fits 128 without spills
-    # and dQ spills 28 bytes outside its key loop (sm_90, bf16, head dim 32), so both take 4 CTAs; the
-    # bias-gradient and dK/dV kernels spill in their inner loops at 128 (dK/dV at 128 was 20 % slower in
+    # and dQ spills 28 bytes outside its key loop (sm_90, bf16, head dim 32), so both take 4 CTAs: fwd+bwd
+    # 1.69 -> 1.60 ms at stage 1 and 0.586 -> 0.529 at stage 3 against 168 for all four (session 13, H100).
+    # The bias-gradient and dK/dV kernels spill in their inner loops at 128 (dK/dV at 128 was 20 % slower in
     # session 7). A cap below 168 applies to 16-bit inputs of head dim <= 32 only (``_register_cap``)
     fwd_maxnreg: int = 128
     dq_maxnreg: int = 128
@@ -365,7 +368,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
         wpp = _windows_per_program(geo.bw, geo.nh, cfg.dq_programs)
         window = LaunchSpec(_k._bwd_window_kernel, (geo.bw // wpp * geo.nh,), dict(common, WPP=wpp, BT=bt),
                             cfg.win_warps, cfg.win_stages, dict(ranges=geo.bw // wpp, nqp=bt, nkp=bt, nkt=1),
-                            maxnreg=cfg.win_maxnreg)
+                            maxnreg=_register_cap(cfg.win_maxnreg, geo, dtype, wide=0))
         return {**specs, "window": window}
     # dQ + delta: programs (query tile, head, range of windows)
     nqf, bmt = _split(geo.n, cfg.dq_bm)
@@ -404,12 +407,13 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
 _WIDE_TILE_CAP = 168  # 3 CTAs of 4 warps per SM
 
 
-def _register_cap(cap: int, geo: _Geo, dtype: torch.dtype) -> int:
+def _register_cap(cap: int, geo: _Geo, dtype: torch.dtype, wide: int = _WIDE_TILE_CAP) -> int:
     """A configured cap below 168 holds for 16-bit inputs of head dim <= 32 (the shapes it was chosen at):
     head dim 64 doubles the q / dO / accumulator registers and fp32 inputs their operand registers, and
-    there a cap of 128 spills in the inner loops (dQ at head dim 64: 132 bytes; fp32: 800+), so they get 168."""
+    there a cap of 128 spills in the inner loops (dQ at head dim 64: 132 bytes; fp32: 800+), so they get
+    ``wide`` (168; the one-tile backward, which holds three gradients at once, gets 0: no cap)."""
     if cap and cap < _WIDE_TILE_CAP and (geo.d > 32 or dtype == torch.float32):
-        return _WIDE_TILE_CAP
+        return wide
     return cap
 
 

@@ -190,6 +190,14 @@ def test_register_caps_below_168_only_where_chosen():
     geo = KERN._tokens_geo(qkv, (8, 7, 7), (0, 3, 3), (8, 7, 7), (0, 3, 3))
     assert KERN.launch_specs(geo, True, torch.float32, False, uncapped)["fwd"].maxnreg == 0
 
+    def one_tile_cap(d, dtype):  # the image path's 7x7 windows: the one-pass backward kernel
+        qkv = torch.empty(2, 1, 14, 14, 3, 2, d, dtype=dtype)
+        geo = KERN._tokens_geo(qkv, (1, 7, 7), (0, 3, 3), (8, 7, 7), (0, 3, 3))
+        return KERN.launch_specs(geo, True, dtype, False, G)["window"].maxnreg
+
+    assert one_tile_cap(32, torch.bfloat16) == one_tile_cap(32, torch.float16) == G.win_maxnreg == 128
+    assert one_tile_cap(64, torch.bfloat16) == one_tile_cap(32, torch.float32) == 0  # not measured: no cap
+
 
 SIXTEEN = dict(fwd_bm=16, fwd_bn=16, dq_bm=16, dq_bn=16, db_bm=16, db_bn=16, kv_bm=16, kv_bn=16)
 
