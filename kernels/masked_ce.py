@@ -372,14 +372,15 @@ def _grad_kernel(lg_ptr, stride_l, lg_desc, lgt_desc, w_ptr, stride_w, wt_desc, 
                  tab_ptr, csum_ptr, dh_ptr, stride_dh, dw_ptr, stride_dw, db_ptr, N, V, D, chunk, N_DH_TILES,
                  HAS_DH: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, H_BY_M: tl.constexpr,
                  USE_TMA: tl.constexpr, EVEN_V: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EPI: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HBM: tl.constexpr, HBN: tl.constexpr,
+                 EPI: tl.constexpr):
     """Gradients of one chunk from dS = softmax - onehot (stored in the logits chunk), scaled by 1/max(M,1).
 
-    Programs [0, N_DH_TILES): dH tiles (K = V), stored in the hidden dtype into the token rows of dh_ptr
-    [N, D] (scaled by 1/M when H_BY_M). Programs past them: dW tiles (K = chunk rows), fp32 into dw_ptr
+    Programs [0, N_DH_TILES): dH tiles of HBM x HBN (K = V), stored in the hidden dtype into the token rows of dh_ptr
+    [N, D] (scaled by 1/M when H_BY_M). Programs past them: dW tiles of BM x BN (K = chunk rows), fp32 into dw_ptr
     [V, D] from the compact rows hc_ptr [C_max, D]; the first chunk stores (zeros when M == 0), later
     chunks add; tiles of the first D-column also write db (HAS_DB). Descriptors (USE_TMA, else None):
-    lg_desc chunk block [BM, BK], lgt_desc chunk block [BK, BM], wt_desc W [V, D] block [BK, BN],
+    lg_desc chunk block [HBM, BK], lgt_desc chunk block [BK, BM], wt_desc W [V, D] block [BK, HBN],
     hc_desc hc block [BK, BN]. HAS_DH / HAS_DW: which tile kinds this launch
     has (a launch with only dW tiles passes N_DH_TILES = 0).
     """
@@ -391,7 +392,7 @@ def _grad_kernel(lg_ptr, stride_l, lg_desc, lgt_desc, w_ptr, stride_w, wt_desc, 
     if HAS_DH:
         if pid < N_DH_TILES:
             _dh_tile(pid, lg_ptr, stride_l, lg_desc, w_ptr, stride_w, wt_desc, idx_ptr, r0, rows_c, inv_m, dh_ptr,
-                     stride_dh, V, D, H_BY_M, USE_TMA, EVEN_V, DOT_PREC, UPCAST, BM, BN, BK)
+                     stride_dh, V, D, H_BY_M, USE_TMA, EVEN_V, DOT_PREC, UPCAST, HBM, HBN, BK)
     if HAS_DW:
         if pid >= N_DH_TILES:
             t = pid - N_DH_TILES
@@ -495,13 +496,13 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     """Launch settings per device kind and dtype (data; override with :func:`config_override`).
 
     bm/bn/bk, warps, stages: logits tiles (rows x codebook x hidden); gbm/gbn/gbk, gwarps, gstages: gradient
-    tiles (dH: rows x hidden x codebook; dW: codebook x hidden x rows); ce_rows x ce_cols: block of the
+    tiles (dW: codebook x hidden x rows; dH: rows x hidden x codebook, hbm x hbn x gbk, 0 = gbm / gbn); ce_rows x ce_cols: block of the
     streaming softmax kernel; align: chunks hold a multiple of this many rows; use_tma: the logits kernel
     reads both operands through tensor descriptors (the hidden rows from the chunk's compact copy); grad_tma:
     the gradient tiles read theirs through tensor descriptors; epi: dW epilogue (see ``_dw_tile``).
     """
     if device.type == "cpu":  # interpreter: small tiles keep the tests fast and exercise the masks
-        return dict(bm=16, bn=32, bk=16, gbm=16, gbn=32, gbk=16, ce_rows=4, ce_cols=32, warps=4,
+        return dict(bm=16, bn=32, bk=16, gbm=16, gbn=32, gbk=16, hbm=0, hbn=0, ce_rows=4, ce_cols=32, warps=4,
                     stages=1, gwarps=4, gstages=1, use_tma=False, grad_tma=False, align=16, epi=2)
     if dtype == torch.float32:
         cfg = dict(bm=64, bn=128, bk=32, gbm=64, gbn=128, gbk=32, warps=4, stages=3, gwarps=4, gstages=3)
@@ -511,7 +512,7 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     cfg["bk"] = min(cfg["bk"], max(16, _p2(D)))
     cfg["gbn"] = min(cfg["gbn"], max(16, _p2(D)))
     cfg["gbk"] = min(cfg["gbk"], max(16, _p2(V)))
-    cfg.update(ce_rows=8, ce_cols=min(1024, max(16, _p2(V))), use_tma=dtype != torch.float32, grad_tma=False,
+    cfg.update(hbm=0, hbn=0, ce_rows=8, ce_cols=min(1024, max(16, _p2(V))), use_tma=dtype != torch.float32, grad_tma=False,
                align=128, epi=2)
     return cfg
 
@@ -628,6 +629,7 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
 
     bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
     gbm, gbn, gbk = cfg["gbm"], cfg["gbn"], cfg["gbk"]
+    hbm, hbn = cfg["hbm"] or gbm, cfg["hbn"] or gbn  # dH tiles (K = V: 4x the dW tiles' K at the BEVT shape)
     grad_tma = bool(cfg["grad_tma"]) and D % 8 == 0 and _tma_ok(w_c, logits) and (hc is None or _tma_ok(hc))
     w_desc = a_desc = lg_desc = lgt_desc = wt_desc = hc_desc = None
     if use_tma or grad_tma:
@@ -636,8 +638,8 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
         w_desc = TensorDescriptor.from_tensor(w_c, [bn, bk])
         a_desc = TensorDescriptor.from_tensor(hc, [bm, bk])
     if grad_tma:
-        wt_desc = TensorDescriptor.from_tensor(w_c, [gbk, gbn])
-        lg_desc = TensorDescriptor(logits, [c_max, V], [v_pad, 1], [gbm, gbk])
+        wt_desc = TensorDescriptor.from_tensor(w_c, [gbk, hbn])
+        lg_desc = TensorDescriptor(logits, [c_max, V], [v_pad, 1], [hbm, gbk])
         lgt_desc = TensorDescriptor(logits, [c_max, V], [v_pad, 1], [gbk, gbm])
         if need_w:
             hc_desc = TensorDescriptor.from_tensor(hc, [gbk, gbn])
@@ -650,12 +652,12 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
     RB, BC, GR = cfg["ce_rows"], cfg["ce_cols"], 16
     n_cb = triton.cdiv(V, BC) if need_grad else 1
     grid2 = (triton.cdiv(c_max, RB) * n_cb,)
-    n_dh_tiles = triton.cdiv(c_max, gbm) * triton.cdiv(D, gbn) if need_dh else 0
+    n_dh_tiles = triton.cdiv(c_max, hbm) * triton.cdiv(D, hbn) if need_dh else 0
     n_dw_tiles = triton.cdiv(V, gbm) * triton.cdiv(D, gbn) if need_w else 0
     grad_args = (logits, v_pad, lg_desc, lgt_desc, w_c, w_c.stride(0), wt_desc, hc, D, hc_desc, idx, tab, csum,
                  dh, D, dw, D, db, N, V, D)
     grad_kw = dict(H_BY_M=h_by_m, USE_TMA=grad_tma, EVEN_V=(V % gbk == 0), DOT_PREC=prec, UPCAST=upcast,
-                   BM=gbm, BN=gbn, BK=gbk, EPI=cfg["epi"], num_warps=cfg["gwarps"], num_stages=cfg["gstages"])
+                   BM=gbm, BN=gbn, BK=gbk, HBM=hbm, HBN=hbn, EPI=cfg["epi"], num_warps=cfg["gwarps"], num_stages=cfg["gstages"])
     split = [((n_dh_tiles,), True, False, n_dh_tiles), ((n_dw_tiles,), False, True, 0)]
     for c in range(n_chunks):
         # 1. compact copy of the chunk's hidden rows (the dW tiles' operand; the logits' on the TMA path)

@@ -28,6 +28,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+@pytest.fixture(autouse=True)
+def _restore_torch_backend_flags():
+    """A training run sets TF32 and cudnn.benchmark for its process (``setup_runtime``); tests that run one
+    in-process must not change the precision of the kernel tests after them (fp32 checks on a GPU)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
+
+
 SYNTH_SETTINGS = dict(num_train=16, num_val=8, num_images=16, num_frames=32, size=(160, 128), fps=25,
                       codec="h264", seed=0, workers=1)
 
