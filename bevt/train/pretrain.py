@@ -7,6 +7,7 @@ backbone -> masked-token CE -> backward. The loop (:mod:`bevt.train.loop`) does 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import signal
@@ -101,12 +102,35 @@ def tokenizer_path(cfg: PretrainConfig) -> str:
     return data_path(cfg.data.root, "vq_tokenizer.safetensors")
 
 
-def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo):
-    """Load the tokenizer, training bevt's VQ tokenizer on the dataset's frames first if asked to."""
+# the key of a checkpoint's config that records the files the run depends on, beside its settings
+FINGERPRINTS = "fingerprints"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo, resume_dir: str | None = None):
+    """Load the tokenizer, training bevt's VQ tokenizer on the dataset's frames first if asked to ->
+    (tokenizer, sha256 of its file).
+
+    When resuming, the tokenizer must be the file the checkpoint's run used (its sha256 is in the
+    checkpoint's config): another one gives every masked token another target id, and the run would go on
+    learning a different task without a word. A missing file is not retrained then."""
     from bevt.tokenizers import load_tokenizer
 
     path = tokenizer_path(cfg)
+    expected = resumed_tokenizer_sha256(resume_dir) if resume_dir else None
+    redo = "; to train against another tokenizer, start a new run from the checkpoint's weights: " \
+           f"model.init_from={resume_dir}"
     if not os.path.exists(path) and cfg.tokenizer.kind == "vq" and cfg.tokenizer.train_if_missing:
+        if expected:
+            raise ConfigError(f"--resume {resume_dir}: the tokenizer that run used is gone ({path} does not exist); "
+                              f"training a new one would change the targets: put that file back{redo}")
         if dist.is_main:
             train_tokenizer_on_dataset(cfg, path, device)
         barrier(dist)
@@ -115,7 +139,21 @@ def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo):
         raise ConfigError(f"the tokenizer at {path} has {tok.vocab_size} codes but tokenizer.vocab_size="
                           f"{cfg.tokenizer.vocab_size}: set tokenizer.vocab_size={tok.vocab_size} (the LM head is "
                           f"sized from it)")
-    return tok
+    sha = file_sha256(path)
+    if expected and sha != expected:
+        raise ConfigError(f"--resume {resume_dir}: the tokenizer at {path} is not the one that run used (sha256 "
+                          f"{sha[:12]}... here, {expected[:12]}... there); resuming with it would change the targets: "
+                          f"use that run's tokenizer file{redo}")
+    return tok, sha
+
+
+def resumed_tokenizer_sha256(resume_dir: str) -> str | None:
+    """The sha256 of the tokenizer file recorded in a pretraining checkpoint (None: an older checkpoint)."""
+    try:
+        saved = ckpt.checkpoint_config(resume_dir) or {}
+    except (OSError, ValueError):
+        return None  # the weights' check reports an unreadable checkpoint
+    return saved.get(FINGERPRINTS, {}).get("tokenizer_sha256")
 
 
 def tokenizer_frames(cfg: PretrainConfig, max_frames: int = 4096) -> torch.Tensor:
@@ -361,7 +399,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     try:
         preflight(cfg.run, device, dist, resume)
         ensure_dataset(cfg, dist)
-        tokenizer = ensure_tokenizer(cfg, device, dist)
+        tokenizer, tokenizer_sha = ensure_tokenizer(cfg, device, dist, ckpt.resolve_resume(resume, cfg.run.out_dir))
         d, o = cfg.data, cfg.optim
         common = dict(mode="pretrain", decoder=d.decoder, num_workers=d.num_workers, seed=cfg.run.seed,
                       rank=dist.rank, world_size=dist.world_size, crop=d.crop_size, scale=tuple(d.scale_range),
@@ -406,7 +444,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
                             amp_dtype=AMP_DTYPES.get(amp))
         trainer = Trainer(model=train_model, compute=step, loaders=loaders,
                           main_loader=main, optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
-                          dist=dist, run_dir=run_dir, config_dict=to_dict(cfg))
+                          dist=dist, run_dir=run_dir,
+                          config_dict=dict(to_dict(cfg), **{FINGERPRINTS: {"tokenizer_sha256": tokenizer_sha}}))
         trainer.resume_as_asked(resume)
         result = trainer.fit()
         skipped = sorted(set().union(*[set(l.skipped_files) for l in loaders.values()]))
