@@ -315,6 +315,12 @@ def test_bad_input_errors(finetuned, synth_dataset, tmp_path, capsys):
     fails(["eval", "--checkpoint", str(tmp_path / "copy" / "model.safetensors")], "has no config.json", "--recipe")
     fails(["eval", "--checkpoint", str(tmp_path / "copy" / "model.safetensors"), "--recipe", "default",
            "--weights", "ema", "--set", f"data.root={synth_dataset.root}"], "holds no EMA weights")
+    a_file = tmp_path / "results_here"  # --out names a file: refused before the evaluation, not after
+    a_file.write_text("keep me")
+    fails(["eval", "--checkpoint", finetuned, "--out", str(a_file)], f"--out {a_file}: is a file, not a folder")
+    fails(["analyze", "temporal", "--checkpoint", finetuned, "--out", str(a_file / "sub")],
+          "is a file, so the folder cannot be created")
+    assert a_file.read_text() == "keep me"
     fails(["reproduce", "--methods", "bevt,bevt_x"], "methods must be distinct names from")
     fails(["reproduce", "--workers", "-1"], "--workers must be >= 0")
     with pytest.raises(SystemExit):  # argparse: --checkpoint is required

@@ -95,8 +95,10 @@ def temporal_analysis(checkpoint: str, cfg=None, *, list_path: str | None = None
     Returns :func:`bevt.eval.evaluate.evaluate`'s dict plus ``temporal`` (input -> top1 and drop) and
     ``seed``; writes ``temporal.json`` to ``out_dir`` when given.
     """
-    from bevt.eval.evaluate import evaluate
+    from bevt.eval.evaluate import check_output_folder, evaluate
 
+    if out_dir:
+        check_output_folder(out_dir)
     out = evaluate(checkpoint, cfg, list_path=list_path, views=views, transforms=temporal_transforms(seed),
                    weights=weights, out_dir=None, plot=False, quiet=True)
     out["temporal"] = drops(out["results"])

@@ -164,7 +164,8 @@ def config_for(checkpoint: str, recipe: str | None = None, overrides: list[str] 
     """The FinetuneConfig to evaluate ``checkpoint`` with: the one saved with it, or a named recipe's."""
     from bevt.config import apply_overrides, from_dict
     from bevt.train.checkpoint import checkpoint_config
-    from bevt.train.finetune import FinetuneConfig, build_config, resolve_checkpoint
+    from bevt.train.checkpoint import resolve_checkpoint
+    from bevt.train.finetune import FinetuneConfig, build_config
 
     overrides = list(overrides or [])
     if recipe:
@@ -193,7 +194,8 @@ def load_classifier(checkpoint: str, cfg, *, device: torch.device | str = "cpu",
     from bevt.models.inflate import unwrap_state_dict
     from bevt.train.checkpoint import load_trainer_state, read_model_weights
     from bevt.train.ema import ema_parameters
-    from bevt.train.finetune import build_classifier, resolve_checkpoint
+    from bevt.train.checkpoint import resolve_checkpoint
+    from bevt.train.finetune import build_classifier
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -269,6 +271,20 @@ def describe_views(cfg, views: str) -> str:
 # The whole evaluation
 # ----------------------------------------------------------------------------------------------------
 
+def check_output_folder(out_dir: str) -> None:
+    """Before an evaluation runs (minutes to hours): ``--out`` must name a folder that can be created or
+    written, so that the results are not lost at the end."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir}: is a file, not a folder (the results go into a folder)")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the nearest folder that exists: it must take the new ones
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {out_dir}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out_dir}: cannot write into {parent} (permission denied)")
+
+
 def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: str = "test",
              transforms: dict[str, ClipTransform | None] | None = None, weights: str = "auto",
              out_dir: str | None = None, plot: bool = True, quiet: bool = False) -> dict:
@@ -295,6 +311,8 @@ def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: 
 
     if cfg is None:
         cfg = config_for(checkpoint)
+    if out_dir:
+        check_output_folder(out_dir)
     was_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loader = None
@@ -429,7 +447,7 @@ def plot_report(report: dict, path: str, *, title: str = "") -> str:
 
 def default_out_dir(checkpoint: str, name: str = "eval") -> str:
     """``<run>/<name>/<step folder>`` for a checkpoint inside a run, else ``<checkpoint>_<name>`` beside it."""
-    from bevt.train.finetune import resolve_checkpoint
+    from bevt.train.checkpoint import resolve_checkpoint
 
     ck = os.path.abspath(resolve_checkpoint(checkpoint))
     folder = ck if os.path.isdir(ck) else os.path.dirname(ck)
