@@ -45,7 +45,8 @@ class ModelConfig:
     grad_checkpointing: bool = False
     """Recompute each Swin block in the backward pass (both streams)."""
     init_from: str = ""
-    """Checkpoint to initialise the backbone from (an image checkpoint is inflated to 3D)."""
+    """Checkpoint to initialise the backbone from: a weights file, a bevt checkpoint folder or run folder (its
+    latest checkpoint); an image checkpoint is inflated to 3D."""
 
     def __post_init__(self):
         from bevt.models.bevt import MODES
@@ -227,6 +228,8 @@ class RunConfig:
                f"run.data_parallel must be auto, ddp or allreduce, got {self.data_parallel!r}")
         _check(not (self.cuda_graph and self.data_parallel == "ddp"),
                "run.cuda_graph=true cannot replay DDP's backward hooks: use run.data_parallel=allreduce (or auto)")
+        # numpy seeds take [0, 2^32); each process adds its rank: [0, 2^31) leaves room for any world size
+        _check(0 <= self.seed < 2 ** 31, f"run.seed must be an integer in [0, 2^31), got {self.seed}")
         _check(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
         _check(self.ckpt_every >= 0 and self.keep_last >= 1, "run.ckpt_every must be >= 0 and run.keep_last >= 1")
 

@@ -125,6 +125,39 @@ def test_resume_into_another_model_or_world_size_is_a_clear_error(synth_dataset,
         pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2"), resume="auto")
 
 
+def test_resume_with_another_tokenizer_is_a_clear_error(synth_dataset, tokenizer_file, tmp_path):
+    """The checkpoint records its tokenizer's sha256: resuming against another file (or, with a default
+    tokenizer that is trained when missing, against none) stops before any training instead of going on
+    with other target ids."""
+    from bevt.config import ConfigError
+    from bevt.train.pretrain import FINGERPRINTS, file_sha256
+
+    run = tmp_path / "run"
+    s = pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))
+    with open(os.path.join(s["checkpoint"], "config.json")) as f:
+        assert json.load(f)[FINGERPRINTS]["tokenizer_sha256"] == file_sha256(tokenizer_file)
+
+    other = str(tmp_path / "other.safetensors")  # the same codes, one byte of a weight changed
+    with open(tokenizer_file, "rb") as f:
+        data = bytearray(f.read())
+    data[-1] ^= 1
+    with open(other, "wb") as f:
+        f.write(data)
+    with pytest.raises(ConfigError, match=r"is not the one that run used .*model.init_from="):
+        pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2", f"tokenizer.path={other}"),
+                 resume="auto")
+    gone = str(tmp_path / "gone.safetensors")  # would be trained now: refused before the training
+    with pytest.raises(ConfigError, match="the tokenizer that run used is gone"):
+        pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2", f"tokenizer.path={gone}"),
+                 resume="auto")
+    assert not os.path.exists(gone)
+    assert pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2"), resume="auto")["steps"] == 2
+    # what the message offers: a new run from that run's weights (a run folder: its latest checkpoint)
+    new = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "new", "optim.max_steps=1",
+                        f"tokenizer.path={other}", f"model.init_from={run}"))
+    assert new["steps"] == 1, new
+
+
 @pytest.mark.parametrize("data_parallel,port", [("ddp", 29533), ("allreduce", 29534)])
 def test_ddp_two_processes_match_one(synth_dataset, tokenizer_file, tmp_path, data_parallel, port):
     """2 gloo processes x 1 clip + 1 image each == 1 process x 2 + 2 (same global batch and masks), with
@@ -163,6 +196,10 @@ def test_clear_errors(synth_dataset, tokenizer_file, tmp_path):
         build_config("default", ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="multiple of 32"):
         build_config("default", ["data.crop_size=100"])
+    for seed in ("-1", "1e30", "2147483648"):  # numpy took the first after the dataset work, torch not the second
+        with pytest.raises(ConfigError, match=r"run.seed must be an integer in \[0, 2\^31\), got"):
+            build_config("default", [f"run.seed={seed}"])
+    assert build_config("default", ["run.seed=2147483647"]).run.seed == 2 ** 31 - 1
     with pytest.raises(FileNotFoundError, match="dataset not found"):
         pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1", f"data.root={tmp_path / 'nothing'}"))
     empty = tmp_path / "empty"
@@ -315,6 +352,15 @@ def test_cli_rejects_bad_override(capsys):
 
     assert main(["pretrain", "--set", "optim.lr"]) == 2
     assert "section.field=value" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """``bevt pretrain --print-config | head -1``: the reader goes away; no traceback, the shell's SIGPIPE code."""
+    proc = subprocess.Popen([sys.executable, "-m", "bevt.cli", "pretrain", "--print-config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything (its imports take far longer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
 
 
 def test_corrupt_video_is_skipped_and_reported(synth_dataset, tokenizer_file, tmp_path):

@@ -188,7 +188,8 @@ def export_image_backbone(checkpoint: str, path: str) -> str:
     from bevt.models.registry import model_config
     from bevt.train.checkpoint import read_model_weights
     from bevt.train.checkpoint import checkpoint_config
-    from bevt.train.finetune import image_stream_as_2d, resolve_checkpoint
+    from bevt.train.checkpoint import resolve_checkpoint
+    from bevt.train.finetune import image_stream_as_2d
 
     ck = resolve_checkpoint(checkpoint)
     raw = read_model_weights(ck)

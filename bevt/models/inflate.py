@@ -152,13 +152,14 @@ def adapt_state_dict(ckpt: dict, model: VideoSwinTransformer, *, src_window: tup
 def load_pretrained(model: VideoSwinTransformer, path: str, *, src_window=None, strict_backbone: bool = False
                     ) -> list[str]:
     """Load a backbone checkpoint (bevt, official BEVT/Video Swin, or 2D Swin) into ``model``, adapting it.
+    ``path``: a weights file, a bevt checkpoint folder or a bevt run folder (its latest checkpoint).
 
     Returns notes (what was inflated, resized, missing, ignored). Raises FileNotFoundError / ValueError
     with the reason for a missing or unusable file.
     """
-    from bevt.train.checkpoint import read_model_weights
+    from bevt.train.checkpoint import read_model_weights, resolve_checkpoint
 
-    ckpt = read_model_weights(path)
+    ckpt = read_model_weights(resolve_checkpoint(path))
     sd, notes = adapt_state_dict(ckpt, model, src_window=src_window)
     if not sd:
         raise ValueError(f"{path}: no tensor of this checkpoint matches the model (is it a Swin checkpoint?)")

@@ -129,6 +129,24 @@ def resolve_resume(resume: str, run_dir: str) -> str | None:
     return resume
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint path a user gave -> the file or checkpoint folder to read (run folder -> its latest)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: the run folder has no complete checkpoint")
+        return latest
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (no model.safetensors) nor a run folder "
+                                    f"(no checkpoints/)")
+        return path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (expected a bevt run or checkpoint folder, a "
+                                f".safetensors file or a .pth/.pt checkpoint)")
+    return path
+
+
 def checkpoint_config(path: str) -> dict | None:
     """The config saved with a bevt checkpoint (folder or its model.safetensors), or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)

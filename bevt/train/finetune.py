@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from bevt.config import ConfigError, KernelsConfig, OptimConfig, Recipes, RunConfig, _check, save_json, to_dict
 from bevt.data.transforms import normalize
+from bevt.train import checkpoint as ckpt
 from bevt.train.loop import AMP_DTYPES, StepContext
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,26 +345,6 @@ def resolve_classes(cfg: FinetuneConfig, lists: list[str]) -> tuple[int, list[st
     return n, names
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint path a user gave -> the file or checkpoint folder to read (run folder -> its latest)."""
-    from bevt.train.checkpoint import find_latest
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        latest = find_latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path}: the run folder has no complete checkpoint")
-        return latest
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "model.safetensors")):
-            raise FileNotFoundError(f"{path}: not a checkpoint folder (no model.safetensors) nor a run folder "
-                                    f"(no checkpoints/)")
-        return path
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (expected a bevt run or checkpoint folder, a "
-                                f".safetensors file or a .pth/.pt checkpoint)")
-    return path
-
-
 def image_stream_as_2d(sd: dict[str, torch.Tensor], src_window: tuple[int, int, int] | None,
                        spatial: tuple[int, int]) -> dict[str, torch.Tensor] | None:
     """An image-only (BEVT-I) backbone state dict in the 2D Swin checkpoint format, or None if not image-only.
@@ -397,7 +378,7 @@ def load_init(model, path: str, *, pretrained_window=(0, 0, 0)) -> list[str]:
     """
     from bevt.models.inflate import adapt_state_dict, unwrap_state_dict
     from bevt.models.registry import model_config
-    from bevt.train.checkpoint import checkpoint_config, read_model_weights
+    from bevt.train.checkpoint import checkpoint_config, read_model_weights, resolve_checkpoint
 
     path = resolve_checkpoint(path)
     sd = unwrap_state_dict(read_model_weights(path))
@@ -594,7 +575,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
         init_path, notes = "", []
         if cfg.model.init_from:
             try:
-                init_path = resolve_checkpoint(cfg.model.init_from)
+                init_path = ckpt.resolve_checkpoint(cfg.model.init_from)
             except FileNotFoundError as e:
                 if not cfg.model.init_optional:
                     raise FileNotFoundError(f"model.init_from: {e}") from None
