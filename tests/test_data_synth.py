@@ -1,6 +1,8 @@
 """Synthetic dataset: determinism, decodability, temporal classes, command line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -158,3 +160,36 @@ def test_ensure_reuses_matching_dataset(tmp_path):
     assert synth.ensure(tmp_path / "e", **kw).train_list.stat().st_mtime_ns == stamp
     b = synth.ensure(tmp_path / "e", **{**kw, "num_train": 3})
     assert len(read_annotation_list(b.train_list)) == 3
+
+
+def test_overwrite_removes_only_what_synth_wrote(tmp_path, capsys):
+    """--overwrite replaces the dataset's clips, images and lists, and keeps every other file in the folder:
+    the tokenizer `bevt pretrain` trained there (its default place), and files the user put beside ours."""
+    out = tmp_path / "data"
+    old = ["--out", str(out), "--train", "3", "--val", "2", "--images", "3", "--frames", "6", "--size", "32x32"]
+    assert synth.main(old) == 0
+    tokenizer = out / "vq_tokenizer.safetensors"  # where bevt pretrain stores the default tokenizer
+    tokenizer.write_bytes(b"trained weights")
+    (out / "train" / "move_up" / "notes.txt").write_text("mine")
+    (out / "train" / "move_up" / "my_clip.mp4").write_bytes(b"mine")
+    old_files = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    # fewer samples, two classes and another codec: every file of the old dataset is gone
+    new = ["--out", str(out), "--train", "2", "--val", "0", "--images", "0", "--frames", "6", "--size", "32x32",
+           "--classes", "grow,shrink", "--codec", "vp9", "--overwrite"]
+    assert synth.main(new) == 0
+    printed = capsys.readouterr().out
+    assert tokenizer.read_bytes() == b"trained weights"
+    assert (out / "train" / "move_up" / "notes.txt").read_text() == "mine"
+    assert (out / "train" / "move_up" / "my_clip.mp4").read_bytes() == b"mine"
+    assert "kept 3 file(s)" in printed
+    ds = synth.load(out)
+    new_files = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    written = {p.relative_to(out) for p in (ds.train_list, ds.val_list, ds.images_list, ds.classes_file,
+                                             ds.image_classes_file, out / "synth.json")}
+    written |= {p.relative_to(out) for p in map(Path, (s.path for s in read_annotation_list(ds.train_list)))}
+    kept = {Path(p) for p in ("vq_tokenizer.safetensors", "train/move_up/notes.txt", "train/move_up/my_clip.mp4")}
+    assert new_files == written | kept and all(str(p) in printed for p in kept)
+    assert old_files - new_files  # the old clips and images were removed
+    assert not (out / "val").exists() and not (out / "images").exists()  # folders left empty go too

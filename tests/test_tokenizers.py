@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import copy
+import decimal
+import io
 import os
+import pickle
+import re
 import sys
 import time
 import types
@@ -185,6 +189,66 @@ def test_dalle_pickle_refuses_other_globals(tmp_path):
         load_dalle_encoder(path)
 
 
+def _encoder_pickle_bytes(zipfile_format: bool = True) -> bytes:
+    """A small encoder.pkl in OpenAI's format (made with the stand-in dall_e package), as bytes."""
+    try:
+        Encoder = _install_fake_dall_e()
+        torch.manual_seed(0)
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy format warns that it cannot save our classes' source
+            torch.save(Encoder(n_hid=8, vocab_size=64), buffer, _use_new_zipfile_serialization=zipfile_format)
+        return buffer.getvalue()
+    finally:
+        _remove_fake_dall_e()
+
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head><body>Access denied</body></html>\n"
+
+
+@pytest.mark.parametrize("kind", ["html", "empty", "truncated_zip", "truncated_legacy", "plain_pickle"])
+def test_broken_dalle_pickle_says_what_is_wrong(tmp_path, kind):
+    """A damaged or wrong encoder.pkl gives one ValueError naming the file, what is wrong with it and where
+    a good one comes from: no unpickling error, EOFError or torch internals."""
+    contents, problem = {
+        "html": (HTML_PAGE, r"a web page, \d+ bytes of HTML"),
+        "empty": (b"", "the file is empty, 0 bytes"),
+        "truncated_zip": (_encoder_pickle_bytes(True)[:50_000], "cut short"),
+        "truncated_legacy": (_encoder_pickle_bytes(False)[:50_000], "cut short"),
+        "plain_pickle": (pickle.dumps({"weights": [1.0, 2.0]}), "a plain pickle of something else"),
+    }[kind]
+    path = tmp_path / "encoder.pkl"
+    path.write_bytes(contents)
+    for load in (load_dalle_encoder, load_tokenizer):
+        with pytest.raises(ValueError) as info:
+            load(path)
+        message = str(info.value)
+        assert type(info.value) is ValueError, message
+        assert repr(str(path)) in message and re.search(problem, message), message
+        assert "download encoder.pkl" in message and "bevt tokenizer train" in message, message
+    assert path.read_bytes() == contents  # reading a bad file never changes it
+
+
+def test_broken_tokenizer_files_of_other_formats(tmp_path):
+    """The same for the safe copies (.pt state dict, .safetensors) and for a pickle that names a foreign
+    global: a ValueError (what the commands report in one line) naming the file and the way out."""
+    (tmp_path / "encoder.pt").write_bytes(HTML_PAGE)
+    with pytest.raises(ValueError, match=r"(?s)encoder\.pt' is not a DalleEncoder state dict \(it is a web page.*"
+                                         r"download encoder\.pkl"):
+        load_tokenizer(tmp_path / "encoder.pt")
+    (tmp_path / "tok.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"(?s)tok\.safetensors' is not a safetensors file \(the file is empty.*"
+                                         r"bevt tokenizer train.*download encoder\.pkl"):
+        load_tokenizer(tmp_path / "tok.safetensors")  # no kind given: both ways to get a good file
+    with pytest.raises(ValueError, match=r"(?s)is not a safetensors file \(the file is empty.*bevt tokenizer train"):
+        VQTokenizer.load(tmp_path / "tok.safetensors")
+    (tmp_path / "other.pkl").write_bytes(pickle.dumps(decimal.Decimal("1.5")))
+    with pytest.raises(UnsafePickleError, match=r"(?s)other\.pkl' is not a DALL-E encoder pickle: refusing to "
+                                                r"load global 'decimal\.Decimal'.*download encoder\.pkl"):
+        load_tokenizer(tmp_path / "other.pkl")
+    assert issubclass(UnsafePickleError, ValueError)
+
+
 def test_missing_files_say_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)nowhere/encoder\.pkl.*download encoder\.pkl"):
         load_tokenizer(tmp_path / "nowhere" / "encoder.pkl")
@@ -337,3 +401,65 @@ def test_padded_input_channels_give_the_same_conv(channels_last):
     assert torch.equal(xp[:, :3], x) and not xp[:, 3:].any() and not wp[:, 3:].any()
     torch.testing.assert_close(F.conv2d(xp, wp, padding=3), F.conv2d(x, w, padding=3), rtol=1e-12, atol=1e-12)
     assert pad_input_channels(xp, wp, 4)[0] is xp  # a multiple already: unchanged
+
+
+# ------------------------------------------------------------------------------------ bevt tokenizer train
+def _no_data_work(monkeypatch):
+    """Make reading the dataset fail the test: option checks must come before any of it."""
+    from bevt.train import pretrain
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the dataset was read before the options were checked")
+
+    monkeypatch.setattr(pretrain, "ensure_dataset", must_not_run)
+    monkeypatch.setattr(pretrain, "tokenizer_frames", must_not_run)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--steps", "0"), ("--steps", "-5"), ("--vocab-size", "0"), ("--vocab-size", "1"), ("--frames", "0"),
+    ("--frames", "-1"), ("--batch-size", "0"), ("--lr", "0"), ("--device", "foo"), ("--device", "cuda:x"),
+])
+def test_tokenizer_train_rejects_bad_options_before_any_work(tmp_path, monkeypatch, capsys, option, value):
+    from bevt.cli import main
+
+    _no_data_work(monkeypatch)
+    out = tmp_path / "tok.safetensors"
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer", "train", "--out", str(out), option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {option}: expected" in err and value in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_tokenizer_train_refuses_a_missing_gpu_before_any_work(tmp_path, monkeypatch, capsys):
+    from bevt.cli import main
+
+    _no_data_work(monkeypatch)
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a CPU-only machine)
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "tok.safetensors"), "--device", missing]) == 2
+    assert f"--device {missing}: no such GPU" in capsys.readouterr().err
+
+
+def test_tokenizer_train_defaults_only_for_omitted_options(tmp_path, monkeypatch):
+    """--steps / --vocab-size given are used as given (the smallest valid ones here); omitted, they come
+    from the recipe's tokenizer settings."""
+    from bevt import tokenizers
+    from bevt.cli import main
+    from bevt.tokenizers.vq import VQVAE
+    from bevt.train import pretrain
+
+    calls = []
+
+    def fake_train(frames, *, vocab_size, steps, **kwargs):
+        calls.append((vocab_size, steps, frames.shape[0]))
+        return VQTokenizer(VQVAE(VQConfig(vocab_size=vocab_size))), [{"loss": 1.0, "perplexity": 1.0, "usage": 1.0}]
+
+    monkeypatch.setattr(pretrain, "ensure_dataset", lambda cfg, dist: None)
+    monkeypatch.setattr(pretrain, "tokenizer_frames", lambda cfg, max_frames: _images(max_frames, 16))
+    monkeypatch.setattr(tokenizers, "train_vq_tokenizer", fake_train)
+    base = ["tokenizer", "train", "--set", "tokenizer.vocab_size=24", "--set", "tokenizer.train_steps=7",
+            "--frames", "3", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "given.safetensors"), "--steps", "1", "--vocab-size", "2"]) == 0
+    assert main(base + ["--out", str(tmp_path / "omitted.safetensors")]) == 0
+    assert calls == [(2, 1, 3), (24, 7, 3)]
+    assert load_tokenizer(tmp_path / "given.safetensors").vocab_size == 2

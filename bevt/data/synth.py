@@ -36,6 +36,9 @@ Layout written under ``root``::
     classes.txt  image_classes.txt      (one name per line; line i is label i)
     synth.json                          (the generation settings; marks the folder as ours)
 
+Other files in ``root`` (a tokenizer that ``bevt pretrain`` trained there, the user's notes) are never
+deleted: ``overwrite`` removes only files of the layout above.
+
 Everything is a function of the seed: sample ``i`` of a split draws from ``default_rng([seed, split, i])``,
 so the rendered frames do not depend on the worker count or on the number of samples asked for.
 """
@@ -44,7 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -76,6 +79,15 @@ IMAGE_CLASSES = ("circle", "square", "diamond")
 CODECS = {"h264": ("libx264", ".mp4"), "vp9": ("libvpx-vp9", ".webm")}
 _SPLIT_IDS = {"train": 0, "val": 1, "images": 2}
 _MARKER = "synth.json"
+_LISTS = ("train.txt", "val.txt", "images.txt", "classes.txt", "image_classes.txt")
+# What generate writes in each split folder: (its class folders, the names of its files there). Keep in step
+# with the names _video_task and _image_task give their files.
+_VIDEO_EXTENSIONS = "|".join(re.escape(ext) for _, ext in CODECS.values())
+_GENERATED_IN = {
+    "train": (CLASSES, re.compile(rf"train_\d{{5,}}({_VIDEO_EXTENSIONS})")),
+    "val": (CLASSES, re.compile(rf"val_\d{{5,}}({_VIDEO_EXTENSIONS})")),
+    "images": (IMAGE_CLASSES, re.compile(r"img_\d{5,}\.jpg")),
+}
 _POOL_THRESHOLD = 100  # files; below this a process pool costs about what it saves
 
 
@@ -92,6 +104,7 @@ class SynthDataset:
     classes: tuple[str, ...]
     image_classes: tuple[str, ...] = IMAGE_CLASSES
     settings: dict = field(default_factory=dict, compare=False)
+    kept: tuple[str, ...] = field(default=(), compare=False)  # files of others that an overwrite left in root
 
     @property
     def num_classes(self) -> int:
@@ -312,17 +325,43 @@ def _write_list(path: Path, rows: list[tuple[str, int]]) -> None:
     path.write_text("".join(f"{rel} {label}\n" for rel, label in rows))
 
 
-def _prepare_root(root: Path, overwrite: bool) -> None:
+def _prepare_root(root: Path, overwrite: bool) -> tuple[str, ...]:
+    """Make ``root`` ready to write into -> the files of others left in it (relative paths)."""
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} exists and is not a directory")
+    kept: tuple[str, ...] = ()
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{root} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
         if not (root / _MARKER).is_file():
             raise FileExistsError(f"refusing to overwrite {root}: it has no {_MARKER}, so it was not written "
                                   f"by this generator; choose an empty or new directory")
-        shutil.rmtree(root)
+        _remove_generated(root)
+        kept = tuple(sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()))
     root.mkdir(parents=True, exist_ok=True)
+    return kept
+
+
+def _remove_generated(root: Path) -> None:
+    """Delete the files a previous :func:`generate` wrote under ``root`` (with any settings), and the folders
+    that leaves empty. Nothing else: others' files (e.g. ``bevt pretrain``'s tokenizer) stay."""
+    for split, (class_names, file_name) in _GENERATED_IN.items():
+        for folder in [root / split / name for name in class_names]:
+            if folder.is_symlink() or not folder.is_dir():  # a link leads to files generate never wrote
+                continue
+            for f in folder.iterdir():
+                if file_name.fullmatch(f.name) and f.is_file() and not f.is_symlink():
+                    f.unlink()
+            _remove_if_empty(folder)
+        _remove_if_empty(root / split)
+    for name in _LISTS:
+        (root / name).unlink(missing_ok=True)
+    (root / _MARKER).unlink()  # last: until it is gone, an interrupted clean-up can be redone with overwrite
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def generate(root: str | os.PathLike, *, num_train: int = 48, num_val: int = 24, num_images: int = 64,
@@ -333,7 +372,8 @@ def generate(root: str | os.PathLike, *, num_train: int = 48, num_val: int = 24,
     ``size`` is (W, H), both even. ``classes``: a subset of :data:`CLASSES` (default all eight); clip
     ``i`` of a split has label ``i % len(classes)``. ``workers``: processes used when there are more than
     ~100 files (default: all cores, at most 8). A non-empty ``root`` is refused unless ``overwrite`` and
-    it holds a previous ``synth.json``.
+    it holds a previous ``synth.json``; ``overwrite`` then deletes only that dataset's files and keeps the
+    others (listed in the result's ``kept``).
     """
     classes = tuple(CLASSES if classes is None else classes)
     unknown = [c for c in classes if c not in CLASSES]
@@ -353,7 +393,7 @@ def generate(root: str | os.PathLike, *, num_train: int = 48, num_val: int = 24,
         workers = min(8, os.cpu_count() or 1)
 
     root = Path(root)
-    _prepare_root(root, overwrite)
+    kept = _prepare_root(root, overwrite)
     rootstr = str(root)
     jobs = [("video", (rootstr, split, i, classes, num_frames, (w, h), fps, codec, seed))
             for split, n in (("train", num_train), ("val", num_val)) for i in range(n)]
@@ -368,14 +408,14 @@ def generate(root: str | os.PathLike, *, num_train: int = 48, num_val: int = 24,
                 "size": [w, h], "fps": fps, "codec": codec, "seed": seed, "classes": list(classes), "version": 1}
     # Written last: its presence means the folder is complete.
     (root / _MARKER).write_text(json.dumps(settings, indent=1) + "\n")
-    return _dataset(root, settings)
+    return _dataset(root, settings, kept)
 
 
-def _dataset(root: Path, settings: dict) -> SynthDataset:
+def _dataset(root: Path, settings: dict, kept: tuple[str, ...] = ()) -> SynthDataset:
     return SynthDataset(root=root, train_list=root / "train.txt", val_list=root / "val.txt",
                         images_list=root / "images.txt", classes_file=root / "classes.txt",
                         image_classes_file=root / "image_classes.txt", classes=tuple(settings["classes"]),
-                        settings=settings)
+                        settings=settings, kept=kept)
 
 
 def load(root: str | os.PathLike) -> SynthDataset:
@@ -452,7 +492,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None, help=f"comma-separated subset of: {','.join(CLASSES)}")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--workers", type=_nonneg_int, default=None, help="processes (default: cores, at most 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset previously written to --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset previously written to --out (its files only: other files there, "
+                        "such as a tokenizer trained by bevt pretrain, are kept)")
 
 
 def main(argv=None) -> int:
@@ -481,6 +523,10 @@ def run(args) -> int:
           f"{len(ds.classes)} classes to {ds.root} in {dt:.1f} s")
     for name in ("train_list", "val_list", "images_list", "classes_file", "image_classes_file"):
         print(f"  {name:<19s} {getattr(ds, name)}")
+    if ds.kept:
+        more = f" and {len(ds.kept) - 5} more" if len(ds.kept) > 5 else ""
+        print(f"kept {len(ds.kept)} file(s) in {ds.root} that bevt data synth did not write: "
+              f"{', '.join(ds.kept[:5])}{more}")
     return 0
 
 

@@ -36,6 +36,7 @@ DALLE_HOWTO = (
     "or train the built-in VQ tokenizer on your own frames with `bevt tokenizer train`"
 )
 VQ_HOWTO = "train a VQ tokenizer on your own frames with `bevt tokenizer train` (it writes this file)"
+ANY_TOKENIZER_HOWTO = f"{VQ_HOWTO}; or, for the paper's tokenizer, {DALLE_HOWTO}"
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -69,6 +70,45 @@ def check_images(x_NCHW: torch.Tensor, channels: int = 3, downsample: int = 8) -
     if h == 0 or w == 0 or h % downsample or w % downsample:
         raise ValueError(f"tokenizer input height and width must be positive multiples of {downsample}; got "
                          f"{h}x{w}")
+
+
+# ------------------------------------------------------------------------------------ unreadable files
+def unreadable_file_error(path: str, expected: str, problem: str, howto: str) -> ValueError:
+    """The error for a file that exists but does not read as ``expected`` (e.g. "a safetensors file").
+
+    ``problem`` is the reader's failure in words; a file that is visibly empty or a web page is named as
+    such instead, the usual results of a failed download. ``howto`` says how to get a good file.
+    """
+    return ValueError(f"{path!r} is not {expected} ({_visible_problem(path) or problem}); {howto}")
+
+
+def _visible_problem(path: str) -> str | None:
+    """What is wrong with a weights file at a glance (empty, or text starting with '<'), or None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"it cannot be read: {e.strerror or e}"
+    if size == 0:
+        return "the file is empty, 0 bytes: an interrupted download or copy?"
+    # No weights format starts with '<' (pickle, zip and safetensors files start with binary headers);
+    # HTML and XML do: a download or error page saved under the file's name.
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        return f"it is a web page, {size} bytes of HTML or XML text saved in place of the file: not weights"
+    return None
+
+
+def read_safetensors_metadata(path: str, howto: str) -> dict:
+    """The metadata of a safetensors file; a file that is not one raises :func:`unreadable_file_error`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        problem = f"damaged, cut short or another format: {e}"
+        raise unreadable_file_error(path, "a safetensors file", problem, howto) from None
 
 
 class Tokenizer(nn.Module, abc.ABC):
@@ -213,14 +253,16 @@ def load_tokenizer(path_or_spec: str | os.PathLike, device: torch.device | str |
         elif kind == "vq":
             howto = VQ_HOWTO
         else:
-            howto = f"{VQ_HOWTO}; or, for the paper's tokenizer, {DALLE_HOWTO}"
+            howto = ANY_TOKENIZER_HOWTO
         raise FileNotFoundError(f"tokenizer file not found: {path!r}. {howto}.")
 
     if kind is None:
         if ext == ".pkl":
             kind = "dalle"
         elif ext == ".safetensors":
-            kind = "vq" if vq.is_vq_tokenizer_file(path) else "dalle"
+            # A damaged file is reported here, naming both kinds: its kind is in the metadata it lacks.
+            meta = read_safetensors_metadata(path, ANY_TOKENIZER_HOWTO)
+            kind = "vq" if meta.get("format") == vq.SAFETENSORS_FORMAT else "dalle"
         elif ext in (".pt", ".pth"):
             kind = "dalle"
         else:

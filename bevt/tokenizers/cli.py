@@ -5,31 +5,80 @@ in pretraining; the dataset and its sizes come from a pretraining recipe and ove
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N (whether that GPU exists is checked in run)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def add_arguments(p) -> None:
+    # Every value is checked as it is parsed, so a bad one stops the command before any data is read.
     p.add_argument("--recipe", default="default", help="pretraining recipe whose data settings to use")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of that recipe, e.g. --set data.root=/data/k400")
     p.add_argument("--out", required=True, help="tokenizer file to write (.safetensors)")
-    p.add_argument("--vocab-size", type=int, default=None, help="codebook size (default: tokenizer.vocab_size)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: tokenizer.train_steps)")
-    p.add_argument("--frames", type=int, default=4096, help="frames to collect from the dataset")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--vocab-size", type=_int_at_least(2), default=None,
+                   help="codebook size, >= 2 (default: tokenizer.vocab_size)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="training steps (default: tokenizer.train_steps)")
+    p.add_argument("--frames", type=_int_at_least(1), default=4096, help="frames to collect from the dataset")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--lr", type=_positive_float, default=2e-3)
+    p.add_argument("--device", type=_device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args) -> int:
     import os
 
+    import torch
+
     from bevt.config import ConfigError
     from bevt.tokenizers import train_vq_tokenizer
     from bevt.train.distributed import DistInfo
     from bevt.train.pretrain import build_config, ensure_dataset, resolve_device, tokenizer_frames
 
+    if os.path.isdir(args.out):
+        print(f"bevt tokenizer train: --out {args.out} is a folder; give a file name ending in .safetensors",
+              file=sys.stderr)
+        return 2
     if os.path.exists(args.out) and not args.overwrite:
         print(f"bevt tokenizer train: {args.out} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
@@ -38,11 +87,15 @@ def run(args) -> int:
         return 2
     try:
         cfg = build_config(args.recipe, args.overrides)
+        if args.device.startswith("cuda") and (torch.device(args.device).index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {args.device}: no such GPU here ({torch.cuda.device_count()} visible); "
+                              f"use --device cpu or auto")
         device = resolve_device(args.device)
+        # `is None`, not `or`: only an omitted option takes the recipe's value.
+        vocab = cfg.tokenizer.vocab_size if args.vocab_size is None else args.vocab_size
+        steps = cfg.tokenizer.train_steps if args.steps is None else args.steps
         ensure_dataset(cfg, DistInfo())
         frames = tokenizer_frames(cfg, max_frames=args.frames)
-        vocab = args.vocab_size or cfg.tokenizer.vocab_size
-        steps = args.steps or cfg.tokenizer.train_steps
         print(f"training a {vocab}-code VQ tokenizer on {frames.shape[0]} frames of {tuple(frames.shape[2:])} "
               f"for {steps} steps on {device}", file=sys.stderr)
         tok, history = train_vq_tokenizer(frames, vocab_size=vocab, steps=steps, batch_size=args.batch_size,

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bevt.tokenizers.base import DALLE_HOWTO, Tokenizer, check_images
+from bevt.tokenizers.base import (DALLE_HOWTO, Tokenizer, check_images, read_safetensors_metadata,
+                                  unreadable_file_error)
 
 LOGIT_LAPLACE_EPS = 0.1
 SAFETENSORS_FORMAT = "bevt-dalle-encoder"
@@ -263,8 +264,11 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     return allowed
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global outside the DALL-E encoder allowlist: it is not loaded."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle names a global outside the DALL-E encoder allowlist: it is not loaded.
+
+    A ValueError too, like every other bad tokenizer file: the commands report those in one line.
+    """
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -299,6 +303,55 @@ def _restricted_pickle_module() -> types.ModuleType:
     return mod
 
 
+# torch.load's messages for the usual ways a file goes bad -> what that means, in words
+_TORCH_LOAD_SYMPTOMS = (
+    (("EOFError", "truncated", "Ran out of input", "unexpected EOF", "central directory"),
+     "it is cut short: an interrupted download or copy?"),
+    (("Invalid magic number", "not a ZIP archive"),
+     "it is not a file torch.save wrote: a plain pickle of something else, or another format"),
+    (("Weights only load failed",), "it is not a torch.save'd dict of tensors: weights-only loading refused it"),
+)
+
+
+def _torch_load_problem(error: Exception, path: str) -> str:
+    """A torch.load failure in words, with the first sentence of torch's own message."""
+    message = str(error)
+    detail = f"{type(error).__name__}: {message.split('. ')[0][:160]}" if message else type(error).__name__
+    if _is_cut_short_zip(path):  # torch's zip reader fails on those with several messages, some opaque
+        return f"{_TORCH_LOAD_SYMPTOMS[0][1]} [{detail}]"
+    for symptoms, meaning in _TORCH_LOAD_SYMPTOMS:
+        if any(s in detail for s in symptoms):
+            return f"{meaning} [{detail}]"
+    return f"it is damaged or another kind of file [{detail}]"
+
+
+_ZIP_START, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # a zip's first local header; its end-of-directory record
+_ZIP_END_MAX_DISTANCE = 22 + 0xFFFF  # the end record (22 bytes and a comment of at most 64 KiB) closes the file
+
+
+def _is_cut_short_zip(path: str) -> bool:
+    """True for a zip file (torch.save's format) that lacks its end record: the end of it is missing."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_ZIP_START)) != _ZIP_START:
+                return False
+            f.seek(max(0, os.path.getsize(path) - _ZIP_END_MAX_DISTANCE))
+            return _ZIP_END not in f.read()
+    except OSError:
+        return False
+
+
+def _torch_load(path: str, expected: str, **kwargs):
+    """``torch.load`` on the CPU; a file it cannot read raises one ValueError naming the path, what is wrong
+    with the file and how to get a good one (``expected`` names the kind of file, e.g. "a DALL-E encoder.pkl")."""
+    try:
+        return torch.load(path, map_location="cpu", **kwargs)
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{path!r} is not {expected}: {e} {DALLE_HOWTO}.") from None
+    except Exception as e:  # noqa: BLE001 -- a damaged file fails anywhere in torch's reader, with any type
+        raise unreadable_file_error(path, expected, _torch_load_problem(e, path), DALLE_HOWTO) from None
+
+
 def _read_openai_pickle(path: str) -> DalleEncoder:
     from torch.serialization import SourceChangeWarning
 
@@ -306,40 +359,60 @@ def _read_openai_pickle(path: str) -> DalleEncoder:
         # Legacy-format pickles carry the source of each module class; ours differ by design.
         warnings.simplefilter("ignore", SourceChangeWarning)
         warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+        obj = _torch_load(path, "a DALL-E encoder pickle", weights_only=False,
+                          pickle_module=_restricted_pickle_module())
     if not isinstance(obj, _PickledEncoder):
         raise ValueError(f"{path!r} is not a DALL-E encoder pickle: its top-level object is a "
-                         f"{type(obj).__module__}.{type(obj).__qualname__}, expected dall_e.encoder.Encoder")
+                         f"{type(obj).__module__}.{type(obj).__qualname__}, expected dall_e.encoder.Encoder; "
+                         f"{DALLE_HOWTO}")
     try:
         n_hid, n_blk, vocab = int(obj.n_hid), int(obj.n_blk_per_group), int(obj.vocab_size)
         group_count = int(getattr(obj, "group_count", 4))
         input_channels = int(getattr(obj, "input_channels", 3))
-    except AttributeError as e:
-        raise ValueError(f"{path!r}: the pickled DALL-E encoder lacks a hyper-parameter ({e})") from None
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path!r}: the pickled DALL-E encoder lacks a hyper-parameter or has a bad one ({e}); "
+                         f"{DALLE_HOWTO}") from None
     if group_count != DalleEncoder.group_count:
         raise ValueError(f"{path!r}: DALL-E encoder with group_count={group_count}; only 4 groups exist")
-    blocks = [m for m in obj.modules() if isinstance(m, _PickledEncoderBlock)]
+    try:
+        blocks = [m for m in obj.modules() if isinstance(m, _PickledEncoderBlock)]
+        state = obj.state_dict()
+    except (AttributeError, KeyError, TypeError) as e:
+        # The stand-in modules take whatever state the pickle gives them: a damaged module tree fails here.
+        raise ValueError(f"{path!r} is not a complete DALL-E encoder pickle: its module tree is damaged "
+                         f"({type(e).__name__}: {e}); {DALLE_HOWTO}") from None
     expected_gain = 1 / (group_count * n_blk) ** 2
     for m in blocks:
         if abs(float(getattr(m, "post_gain", expected_gain)) - expected_gain) > 1e-12:
             raise ValueError(f"{path!r}: an encoder block has post_gain {m.post_gain}, expected {expected_gain}")
     encoder = DalleEncoder(n_hid=n_hid, n_blk_per_group=n_blk, vocab_size=vocab, input_channels=input_channels)
-    _load_state(encoder, obj.state_dict(), path)
+    _load_state(encoder, state, path)
     return encoder
 
 
 def _load_state(encoder: DalleEncoder, state: dict, path: str) -> None:
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{path!r} is not a DALL-E encoder: {not_tensors[:5]} hold no tensors; {DALLE_HOWTO}")
     state = {k: v.float() for k, v in state.items()}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # weights of other shapes than the file's own hyper-parameters say
+        raise ValueError(f"{path!r} does not match a DALL-E encoder of {encoder.config()}: {e}; "
+                         f"{DALLE_HOWTO}") from None
     if missing or unexpected:
         raise ValueError(f"{path!r} does not match a DALL-E encoder of {encoder.config()}: missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
-def _config_from_state(state: dict) -> dict:
+def _config_from_state(state: dict, path: str) -> dict:
     """Infer the hyper-parameters of a DalleEncoder state dict from its weight shapes."""
-    n_hid, input_channels = state["blocks.input.w"].shape[:2]
-    vocab_size = state["blocks.output.conv.w"].shape[0]
+    try:
+        n_hid, input_channels = state["blocks.input.w"].shape[:2]
+        vocab_size = state["blocks.output.conv.w"].shape[0]
+    except (KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path!r} is not a complete DalleEncoder state dict (its input or output conv weight "
+                         f"is missing or malformed: {e}); {DALLE_HOWTO}") from None
     n_blk = len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
     return {"n_hid": n_hid, "n_blk_per_group": n_blk, "vocab_size": vocab_size, "input_channels": input_channels}
 
@@ -356,24 +429,23 @@ def load_dalle_encoder(path: str | os.PathLike) -> DalleEncoder:
         raise FileNotFoundError(f"DALL-E encoder not found: {path!r}. {DALLE_HOWTO}.")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = read_safetensors_metadata(path, DALLE_HOWTO)  # first: a damaged file is reported as such
+        state = load_file(path)
         if meta.get("format") not in (None, SAFETENSORS_FORMAT):
             raise ValueError(f"{path!r} is a {meta['format']!r} file, not a DALL-E encoder")
-        config = json.loads(meta["config"]) if "config" in meta else _config_from_state(state)
+        config = json.loads(meta["config"]) if "config" in meta else _config_from_state(state, path)
         encoder = DalleEncoder(**config)
         _load_state(encoder, state, path)
         return encoder
     if ext in (".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path, "a DalleEncoder state dict", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or "blocks.input.w" not in state:
             raise ValueError(f"{path!r} is not a DalleEncoder state dict (no 'blocks.input.w')")
-        encoder = DalleEncoder(**_config_from_state(state))
+        encoder = DalleEncoder(**_config_from_state(state, path))
         _load_state(encoder, state, path)
         return encoder
     return _read_openai_pickle(path)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bevt.tokenizers.base import VQ_HOWTO, Tokenizer, check_images
+from bevt.tokenizers.base import VQ_HOWTO, Tokenizer, check_images, read_safetensors_metadata
 
 SAFETENSORS_FORMAT = "bevt-vq-tokenizer"
 FORMAT_VERSION = "1"
@@ -206,19 +206,9 @@ class VQVAE(nn.Module):
 def is_vq_tokenizer_file(path: str | os.PathLike) -> bool:
     """True if ``path`` is a safetensors file written by :meth:`VQTokenizer.save`."""
     try:
-        return _read_metadata(os.fspath(path)).get("format") == SAFETENSORS_FORMAT
+        return read_safetensors_metadata(os.fspath(path), VQ_HOWTO).get("format") == SAFETENSORS_FORMAT
     except ValueError:
         return False
-
-
-def _read_metadata(path: str) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path!r} is not a safetensors file ({e})") from None
 
 
 class VQTokenizer(Tokenizer):
@@ -274,7 +264,7 @@ class VQTokenizer(Tokenizer):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"VQ tokenizer file not found: {path!r}; {VQ_HOWTO}")
-        meta = _read_metadata(path)
+        meta = read_safetensors_metadata(path, VQ_HOWTO)
         if meta.get("format") != SAFETENSORS_FORMAT:
             raise ValueError(f"{path!r} is not a bevt VQ tokenizer file (its safetensors metadata has format="
                              f"{meta.get('format')!r}, expected {SAFETENSORS_FORMAT!r})")
