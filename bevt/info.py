@@ -35,8 +35,10 @@ def collect() -> dict:
         "nvidia-dali": _dali_version(),
         "cpu_count": os.cpu_count(),
         "cuda_devices": [],
-        "kernel_defaults": {op: _be.get_default_backend(op) for op in _be.OPS},
+        "kernel_defaults": _kernel_defaults(),
         "BEVT_KERNELS": os.environ.get("BEVT_KERNELS", ""),
+        # "" or why BEVT_KERNELS is invalid: reported here, while every op that needs its default refuses to run
+        "BEVT_KERNELS_problem": _be.environment_setting_problem(),
         "ops": {},
     }
     if torch.cuda.is_available():
@@ -53,6 +55,20 @@ def collect() -> dict:
     info["cuda_extension"] = dict(zip(("built", "why_not"), _be.cuda_extension_status()))
     info["dali"] = _dali_status()
     return info
+
+
+INVALID_SETTING = "invalid BEVT_KERNELS"
+
+
+def _kernel_defaults() -> dict[str, str]:
+    """Each op's default backend; an op whose default would come from an invalid BEVT_KERNELS says so."""
+    out = {}
+    for op in _be.OPS:
+        try:
+            out[op] = _be.get_default_backend(op)
+        except ValueError:
+            out[op] = INVALID_SETTING
+    return out
 
 
 def _caps(c) -> dict:
@@ -98,6 +114,9 @@ def format_info(info: dict) -> str:
         lines.append("  cuda         none visible")
     lines.append("")
     lines.append("kernel backends (auto picks the first available in this order)")
+    if info["BEVT_KERNELS_problem"]:
+        lines.append(f"  problem: {info['BEVT_KERNELS_problem']}")
+        lines.append("  (ops that use this default refuse to run until BEVT_KERNELS is fixed or unset)")
     for op, backends in info["ops"].items():
         default = info["kernel_defaults"][op]
         lines.append(f"  {op}  [default: {default}]")

@@ -628,6 +628,14 @@ _windows_fwd.register_autograd(_windows_backward, setup_context=_windows_setup)
 
 
 # ----------------------------------------------------------------------------- public functions
+def _require_nonempty(entry: str, x: torch.Tensor) -> None:
+    """The kernels need at least one window and one head (a launch grid cannot be empty); the op in
+    :mod:`bevt.ops.window_attention` answers empty inputs with the reference instead of calling these."""
+    if x.numel() == 0:
+        raise ValueError(f"bevt.kernels.window_attention.{entry}: input of shape {tuple(x.shape)} is empty; "
+                         f"use bevt.ops.window_attention.{entry}, which handles empty inputs")
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor, *,
                      window_size: Sequence[int], table_window_size: Sequence[int],
                      padded_grid: Sequence[int] | None, mask_shift_size: Sequence[int],
@@ -636,6 +644,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
 
     Arguments as :func:`bevt.ops.window_attention.window_attention` (already validated there).
     """
+    _require_nonempty("window_attention", q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ms = [int(s) for s in mask_shift_size]
     pg = [int(p) for p in padded_grid] if (padded_grid is not None and any(ms)) else []
@@ -649,7 +658,9 @@ def window_attention_tokens(qkv: torch.Tensor, bias_table: torch.Tensor, *, wind
                             kv_pad: torch.Tensor | None, mask_shift_size: Sequence[int],
                             scale: float | None) -> torch.Tensor:
     """Token layout: qkv (B, D, H, W, 3, nh, d), bias_table (L, nh), kv_pad (2, nh, d) or None (zeros)
-    -> (B, D, H, W, nh, d). Arguments as :func:`bevt.ops.window_attention.window_attention_tokens`."""
+    -> (B, D, H, W, nh, d). Arguments as :func:`bevt.ops.window_attention.window_attention_tokens` (already
+    validated there)."""
+    _require_nonempty("window_attention_tokens", qkv)
     nh, d = qkv.shape[5], qkv.shape[6]
     scale = d ** -0.5 if scale is None else float(scale)
     if kv_pad is None:

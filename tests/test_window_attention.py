@@ -1,5 +1,8 @@
 """Reference window attention vs a literal restatement of the official Video Swin / BEVT semantics."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,8 +10,9 @@ import torch.nn.functional as F
 
 from bevt.models.video_swin import SwinTransformerBlock3D, WindowAttention3D, get_window_size
 from bevt.ops import BackendUnavailable, window_attention, window_attention_tokens
+from bevt.ops import backend as be
 from bevt.ops.window_attention import (partition_windows, relative_position_index, reverse_windows, table_length,
-                                       window_attention_ref, window_mask)
+                                       window_attention_ref, window_attention_tokens_ref, window_mask)
 
 
 # ----------------------------------------------------------------------------- literal official code
@@ -228,3 +232,280 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
     # auto falls back to the reference on CPU
     out = window_attention(q, q, q, table, window_size=(2, 7, 7))
     assert out.shape == q.shape
+
+
+# ----------------------------------------------------------------------------- input checks, both entries and backends
+# check_inputs runs before a backend is chosen, so "triton" refuses the same inputs with the same message even
+# where its kernels cannot run (no interpreter, no GPU): these tests need neither.
+BACKENDS = ("ref", "triton")
+WIN = (1, 2, 2)
+
+
+def _windowed_args(dtype=torch.float32, heads=1, head_dim=16, windows=2):
+    q = torch.randn(windows, heads, 4, head_dim, dtype=dtype)
+    return q, q.clone(), q.clone(), torch.randn(table_length(WIN), heads)
+
+
+def _run_windowed(backend, q, k, v, table, **kw):
+    return window_attention(q, k, v, table, **{"window_size": WIN, **kw}, backend=backend)
+
+
+def _run_tokens(backend, qkv=None, table=None, **kw):
+    qkv = torch.randn(1, 1, 2, 2, 3, 1, 16) if qkv is None else qkv
+    table = torch.randn(table_length(WIN), qkv.shape[5]) if table is None else table
+    return window_attention_tokens(qkv, table, **{"window_size": WIN, **kw}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, torch.float64),
+                                    (torch.float32, torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32, torch.float32)], ids=["v64", "k16", "q16"])
+def test_mixed_qkv_dtypes_are_refused_naming_them(backend, dtypes):
+    q, k, v, table = _windowed_args()
+    q, k, v = (t.to(dt) for t, dt in zip((q, k, v), dtypes))
+    names = ", ".join(str(dt).replace("torch.", "") for dt in dtypes)
+    with pytest.raises(ValueError, match=f"window_attention: q, k, v must have one dtype, got {names}"):
+        _run_windowed(backend, q, k, v, table)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, torch.float8_e4m3fn])
+def test_dtype_no_backend_supports_is_refused(backend, dtype):
+    q = torch.zeros(2, 1, 4, 16).to(dtype)
+    table = torch.randn(table_length(WIN), 1)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=f"window_attention: dtype {name} of q, k, v is not supported; "
+                                         f"supported: float32, float16, bfloat16, float64"):
+        _run_windowed(backend, q, q, q, table)
+    qkv = torch.zeros(1, 1, 2, 2, 3, 1, 16).to(dtype)
+    with pytest.raises(ValueError, match=f"window_attention_tokens: dtype {name} of qkv is not supported"):
+        _run_tokens(backend, qkv, table)
+
+
+def test_float64_runs_on_the_reference_and_triton_says_why_not():
+    """Per the capability table: float64 is the reference's (the kernels' fp32 results are checked against it);
+    asking Triton for it raises BackendUnavailable with the dtypes it has, auto falls back to the reference."""
+    from bevt.ops.window_attention import CAPABILITIES
+
+    assert torch.float64 in CAPABILITIES["ref"].dtypes and torch.float64 not in CAPABILITIES["triton"].dtypes
+    q, k, v, table = (t.double() for t in _windowed_args())
+    ref = _run_windowed("ref", q, k, v, table)
+    assert ref.dtype == torch.float64
+    assert torch.equal(_run_windowed(None, q, k, v, table), ref)
+    with pytest.raises(BackendUnavailable, match="dtype must be one of float16, bfloat16, float32, got float64"):
+        _run_windowed("triton", q, k, v, table)
+    with pytest.raises(BackendUnavailable, match="got float64"):
+        _run_tokens("triton", torch.randn(1, 1, 2, 2, 3, 1, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_shift,msg", [
+    ((0, -1, 0), r"mask_shift_size must be >= 0 on every axis, got \(0, -1, 0\)"),
+    ((0, 2, 0), r"mask_shift_size must be smaller than the window \(1, 2, 2\) on every axis, got \(0, 2, 0\)"),
+    ((0, 5, 1), r"mask_shift_size must be smaller than the window"),
+    ((1, 0, 0), r"mask_shift_size must be smaller than the window"),  # a window of 1 cannot be shifted
+    ((0, 1), r"mask_shift_size must be an int or 3 ints \(d, h, w\), got \(0, 1\)"),
+    ((0, 1, 1, 0), r"mask_shift_size must be an int or 3 ints"),
+    ("x", r"mask_shift_size must be an int or 3 ints"),
+])
+def test_bad_mask_shift_is_refused_by_both_entries(backend, mask_shift, msg):
+    """The windowed entry used to ignore an out-of-range mask shift; both entries now check it the same way."""
+    q, k, v, table = _windowed_args()
+    with pytest.raises(ValueError, match="window_attention: " + msg):
+        _run_windowed(backend, q, k, v, table, padded_grid=(1, 2, 4), mask_shift_size=mask_shift)
+    with pytest.raises(ValueError, match="window_attention_tokens: " + msg):
+        _run_tokens(backend, mask_shift_size=mask_shift)
+    with pytest.raises(ValueError, match="window_attention_tokens: " + msg.replace("mask_shift_size", "shift_size")):
+        _run_tokens(backend, shift_size=mask_shift)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_dim_zero_is_refused(backend):
+    q, k, v, table = _windowed_args(head_dim=0)
+    with pytest.raises(ValueError, match=r"window_attention: head dim \(last axis of q, k, v\) must be >= 1, got 0"):
+        _run_windowed(backend, q, k, v, table)
+    with pytest.raises(ValueError, match=r"window_attention_tokens: head dim \(last axis of qkv\) must be >= 1, got 0"):
+        _run_tokens(backend, torch.randn(1, 1, 2, 2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("argument", ["window_size", "table_window_size", "padded_grid"])
+@pytest.mark.parametrize("value", [(1, 0, 2), (1, -2, 2), 0])
+def test_non_positive_sizes_are_refused_naming_the_argument(backend, argument, value):
+    q, k, v, table = _windowed_args()
+    geometry = dict(window_size=WIN, table_window_size=WIN, padded_grid=(1, 2, 4), mask_shift_size=(0, 1, 1))
+    geometry[argument] = value
+    shown = r"\(0, 0, 0\)" if value == 0 else str(value).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=f"window_attention: {argument} must be >= 1 on every axis, got {shown}"):
+        window_attention(q, k, v, table, **geometry, backend=backend)
+    if argument != "padded_grid":
+        with pytest.raises(ValueError, match=f"window_attention_tokens: {argument} must be >= 1 on every axis"):
+            _run_tokens(backend, **{argument: value})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_kv_pad_and_devices_are_checked(backend):
+    q, k, v, table = _windowed_args()
+    with pytest.raises(ValueError, match="bias_table must be floating point, got int64"):
+        _run_windowed(backend, q, k, v, table.long())
+    with pytest.raises(ValueError, match=r"bias_table must be \(L, 1\)"):
+        _run_windowed(backend, q, k, v, table[:, None])
+    with pytest.raises(ValueError, match="kv_pad must be floating point, got int64"):
+        _run_tokens(backend, kv_pad=torch.zeros(2, 1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"kv_pad must be \(2, 1, 16\), got \(2, 16\)"):
+        _run_tokens(backend, kv_pad=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="all tensors must be on one device, got q on cpu, k on meta, v on cpu, "
+                                         "bias_table on cpu"):
+        _run_windowed(backend, q, k.to("meta"), v, table)
+    with pytest.raises(ValueError, match="window_attention: q, k, v must have one shape"):
+        _run_windowed(backend, q, k[:1], v, table)
+
+
+def test_table_and_kv_pad_may_have_another_float_dtype():
+    """Under autocast the table and the qkv bias (kv_pad) stay fp32 parameters while qkv is bf16."""
+    qkv = torch.randn(1, 1, 3, 3, 3, 1, 16, dtype=torch.bfloat16)
+    table, kv_pad = torch.randn(table_length(WIN), 1), torch.randn(2, 1, 16)
+    out = _run_tokens("ref", qkv, table, kv_pad=kv_pad)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, _run_tokens("ref", qkv, table.double(), kv_pad=kv_pad.double()))
+
+
+def test_reference_functions_check_their_inputs_too():
+    q, k, v, table = _windowed_args()
+    with pytest.raises(ValueError, match="window_attention_ref: q, k, v must have one dtype"):
+        window_attention_ref(q, k, v.double(), table, window_size=WIN)
+    with pytest.raises(ValueError, match="window_attention_tokens_ref: shift_size must be >= 0"):
+        window_attention_tokens_ref(torch.randn(1, 1, 2, 2, 3, 1, 16), table, window_size=WIN, shift_size=(0, -1, 0))
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 3, 3), (1, 0, 3, 3), (1, 1, 0, 3), (1, 1, 3, 0), (2, 1, 3, 3)],
+                         ids=["batch0", "D0", "H0", "W0", "full"])
+def test_reference_handles_empty_grids(shape):
+    """The reference's answer for an empty grid (the Triton backend matches it: test_window_attention_triton)."""
+    B, D, H, W = shape
+    qkv = torch.randn(B, D, H, W, 3, 1, 16, requires_grad=True)
+    table = torch.randn(table_length(WIN), 1, requires_grad=True)
+    out = _run_tokens("ref", qkv, table, shift_size=(0, 1, 1))
+    assert out.shape == (B, D, H, W, 1, 16)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape and table.grad.shape == table.shape
+    if qkv.numel() == 0:
+        assert not table.grad.any()
+
+
+# ----------------------------------------------------------------------------- BEVT_KERNELS
+@pytest.fixture
+def kernels_env(monkeypatch):
+    """set(value): BEVT_KERNELS=value, read again at the next use of a default (and again after the test)."""
+    def set_value(value):
+        monkeypatch.setenv("BEVT_KERNELS", value)
+        be.reload_environment_setting()
+
+    yield set_value
+    be.reload_environment_setting()
+
+
+BAD_SETTINGS = {
+    "bogus": "unknown backend 'bogus'",
+    "window_attention=nope": "op window_attention has no backend 'nope'",
+    "masking=triton": "op masking has no backend 'triton'",
+    "attention=ref": "unknown op 'attention'",
+    "window_attention": "unknown backend 'window_attention'",
+    "window_attention=ref,masked_ce": "expected op=backend, got 'masked_ce'",
+}
+
+
+def _tiny_windowed():
+    q = torch.randn(2, 1, 4, 16)
+    return (q, q, q, torch.randn(table_length(WIN), 1)), dict(window_size=WIN)
+
+
+@pytest.mark.parametrize("value", list(BAD_SETTINGS))
+def test_invalid_bevt_kernels_fails_at_use_naming_it(kernels_env, value):
+    kernels_env(value)
+    args, kw = _tiny_windowed()
+    with pytest.raises(ValueError) as e:
+        window_attention(*args, **kw)
+    msg = str(e.value)
+    assert msg.startswith(f"BEVT_KERNELS={value!r} is invalid: {BAD_SETTINGS[value]}"), msg
+    # the valid forms, ops and backends are listed
+    assert "auto, ref, triton, cuda" in msg
+    assert "window_attention: auto, triton, ref; masked_ce: auto, triton, ref; masking: auto, cuda, ref" in msg
+    assert be.environment_setting_problem() == msg
+    with pytest.raises(ValueError, match="BEVT_KERNELS="):
+        be.get_default_backend("masked_ce")
+
+
+def test_invalid_bevt_kernels_leaves_explicit_choices_working(kernels_env):
+    kernels_env("bogus")
+    args, kw = _tiny_windowed()
+    want = window_attention_ref(*args, **kw)
+    assert torch.equal(window_attention(*args, **kw, backend="ref"), want)  # an explicit backend never reads it
+    with be.use_backend("ref"):  # a default for every op set in the process (as the config's kernels.* do)
+        assert torch.equal(window_attention(*args, **kw), want)
+    with be.use_backend({"window_attention": "ref"}):  # one op set: the others still need BEVT_KERNELS
+        assert torch.equal(window_attention(*args, **kw), want)
+        with pytest.raises(ValueError, match="BEVT_KERNELS='bogus'"):
+            be.get_default_backend("masked_ce")
+    with pytest.raises(ValueError, match="BEVT_KERNELS='bogus'"):  # use_backend restored the process state
+        window_attention(*args, **kw)
+    kernels_env("ref")  # fixed: read again
+    assert torch.equal(window_attention(*args, **kw), want)
+
+
+@pytest.mark.parametrize("value,defaults", [
+    ("", ("auto", "auto", "auto")),
+    ("auto", ("auto", "auto", "auto")),
+    ("ref", ("ref", "ref", "ref")),
+    ("triton", ("triton", "triton", "auto")),
+    ("cuda", ("auto", "auto", "cuda")),
+    (" window_attention=triton, masked_ce=ref ", ("triton", "ref", "auto")),
+    ("masking=cuda,", ("auto", "auto", "cuda")),
+])
+def test_valid_bevt_kernels_values(kernels_env, value, defaults):
+    kernels_env(value)
+    assert be.environment_setting_problem() == ""
+    assert tuple(be.get_default_backend(op) for op in be.OPS) == defaults
+    with be.use_backend("ref", op="masked_ce"):  # set in the process: wins over the variable
+        assert be.get_default_backend("masked_ce") == "ref"
+        assert be.get_default_backend("window_attention") == defaults[0]
+    assert be.get_default_backend("masked_ce") == defaults[1]
+
+
+def test_set_default_backend_names_the_bad_setting():
+    with pytest.raises(ValueError, match="default backend='fast' is invalid: unknown backend 'fast'"):
+        be.set_default_backend("fast")
+
+
+def _bevt(*args, bevt_kernels: str, cwd):
+    env = dict(os.environ, BEVT_KERNELS=bevt_kernels, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bevt.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
+
+
+def test_info_reports_an_invalid_bevt_kernels(kernels_env, tmp_path):
+    from bevt import info
+
+    kernels_env("window_attention=nope")
+    collected = info.collect()
+    assert collected["BEVT_KERNELS_problem"].startswith("BEVT_KERNELS='window_attention=nope' is invalid")
+    assert set(collected["kernel_defaults"].values()) == {info.INVALID_SETTING}
+    assert "problem: BEVT_KERNELS='window_attention=nope' is invalid" in info.format_info(collected)
+    # the command, in a fresh process: importing bevt with the bad value works, and info says what is wrong
+    r = _bevt("info", bevt_kernels="bogus", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "problem: BEVT_KERNELS='bogus' is invalid: unknown backend 'bogus'" in r.stdout
+    assert "[default: invalid BEVT_KERNELS]" in r.stdout
+    kernels_env("ref")
+    collected = info.collect()
+    assert collected["BEVT_KERNELS_problem"] == "" and set(collected["kernel_defaults"].values()) == {"ref"}
+
+
+def test_a_run_with_an_invalid_bevt_kernels_stops_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    r = _bevt("pretrain", "--set", f"run.out_dir={out}", bevt_kernels="window_attention=nope", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "bevt pretrain: BEVT_KERNELS='window_attention=nope' is invalid" in r.stderr
+    assert not out.exists()

@@ -413,6 +413,85 @@ def test_predicate_reasons():
         can_run_triton(torch.randn(2, 2, 98, 32, dtype=torch.float64), table, window_size=(2, 7, 7), raise_error=True)
 
 
+# ----------------------------------------------------------------------------- empty inputs
+def _outputs_and_grads(fn, inputs, backend):
+    """fn(*inputs, backend) and the gradients of its sum (None for an input it does not use)."""
+    ins = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*ins, backend)
+    out.sum().backward()
+    return out.detach(), [t.grad for t in ins]
+
+
+def _assert_same(got, want):
+    (out, grads), (ref_out, ref_grads) = got, want
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype and torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert g.shape == r.shape and torch.equal(g, r)
+
+
+@needs_triton
+@pytest.mark.parametrize("shift", [(0, 0, 0), (0, 1, 1)], ids=["unshifted", "shifted"])
+@pytest.mark.parametrize("shape", [(0, 1, 3, 3, 1), (1, 0, 3, 3, 1), (1, 1, 0, 3, 1), (1, 1, 3, 0, 1),
+                                   (1, 1, 3, 3, 0)], ids=["batch0", "D0", "H0", "W0", "heads0"])
+def test_tokens_empty_grid_matches_reference(shape, shift):
+    """An empty grid (or no heads) gives the reference's empty output and gradients, not a launch error."""
+    B, D, H, W, nh = shape
+    ws = (1, 2, 2)
+    qkv = torch.randn(B, D, H, W, 3, nh, 16, device=DEV)
+    table, kv_pad = torch.randn(table_length(ws), nh, device=DEV), torch.randn(2, nh, 16, device=DEV)
+
+    def fn(qkv, table, kv_pad, backend):
+        return window_attention_tokens(qkv, table, kv_pad=kv_pad, window_size=ws, shift_size=shift, backend=backend)
+
+    tri = _outputs_and_grads(fn, (qkv, table, kv_pad), "triton")
+    assert tri[0].shape == (B, D, H, W, nh, 16)
+    _assert_same(tri, _outputs_and_grads(fn, (qkv, table, kv_pad), "ref"))
+
+
+@needs_triton
+@pytest.mark.parametrize("mask", [False, True], ids=["no_mask", "masked"])
+@pytest.mark.parametrize("windows,heads", [(0, 1), (2, 0)], ids=["no_windows", "no_heads"])
+def test_windowed_empty_input_matches_reference(windows, heads, mask):
+    ws = (1, 2, 2)
+    q, k, v = (torch.randn(windows, heads, 4, 16, device=DEV) for _ in range(3))
+    table = torch.randn(table_length(ws), heads, device=DEV)
+    geo = dict(padded_grid=(1, 2, 4), mask_shift_size=(0, 1, 1)) if mask else {}
+
+    def fn(q, k, v, table, backend):
+        return window_attention(q, k, v, table, window_size=ws, backend=backend, **geo)
+
+    tri = _outputs_and_grads(fn, (q, k, v, table), "triton")
+    assert tri[0].shape == q.shape
+    _assert_same(tri, _outputs_and_grads(fn, (q, k, v, table), "ref"))
+
+
+@pytest.mark.skipif(KERN is None, reason="triton is not installed")
+def test_kernel_entries_refuse_empty_input_clearly():
+    """Called directly (not through bevt.ops), the kernels' entries say why they cannot take an empty input."""
+    ws = [1, 2, 2]
+    table = torch.randn(table_length(ws), 1, device=DEV)
+    with pytest.raises(ValueError, match=r"window_attention_tokens: input of shape \(0, 1, 2, 2, 3, 1, 16\) is empty"):
+        KERN.window_attention_tokens(torch.randn(0, 1, 2, 2, 3, 1, 16, device=DEV), table, window_size=ws,
+                                     shift_size=[0, 0, 0], table_window_size=ws, kv_pad=None,
+                                     mask_shift_size=[0, 0, 0], scale=None)
+    q = torch.randn(0, 1, 4, 16, device=DEV)
+    with pytest.raises(ValueError, match="use bevt.ops.window_attention.window_attention, which handles empty"):
+        KERN.window_attention(q, q, q, table, window_size=ws, table_window_size=ws, padded_grid=None,
+                              mask_shift_size=[0, 0, 0], scale=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_mixed_dtypes_never_reach_the_kernels(dtype):
+    """A v of another dtype than q and k was once run by the kernels as if it were q's dtype."""
+    q = torch.randn(2, 1, 4, 16, device=DEV)
+    table = torch.randn(table_length((1, 2, 2)), 1, device=DEV)
+    with pytest.raises(ValueError, match=f"q, k, v must have one dtype, got float32, float32, "
+                                         f"{str(dtype).replace('torch.', '')}"):
+        window_attention(q, q, q.to(dtype), table, window_size=(1, 2, 2), backend="triton")
+
+
 # ----------------------------------------------------------------------------- seeded random sweep
 def _random_case(seed):
     rng = random.Random(seed)

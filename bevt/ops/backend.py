@@ -10,9 +10,12 @@ Every hot op (``bevt.ops.window_attention``, ``bevt.ops.masked_ce``, ``bevt.ops.
 * An explicit name (argument or default) must run: its predicate is called with ``raise_error=True``
   and raises :class:`BackendUnavailable` naming each reason ("head dim must be 32 or 64, got 48").
 
-The environment variable ``BEVT_KERNELS`` is parsed here and only here. Forms:
+The environment variable ``BEVT_KERNELS`` is parsed here and only here, when a default is first needed
+(not at import: an invalid value then fails the op or run that uses it, with a message naming the variable,
+and ``bevt info`` can still report it). Forms:
 ``auto`` | ``ref`` | ``triton`` (all ops that have it; others stay auto) |
-``window_attention=triton,masked_ce=ref,masking=cuda``.
+``window_attention=triton,masked_ce=ref,masking=cuda``. Defaults set in the process (the config's
+``kernels.*``, :func:`set_default_backend`) win over it for the ops they name.
 """
 from __future__ import annotations
 
@@ -47,33 +50,47 @@ class Capabilities:
 
 
 # ----------------------------------------------------------------------------- the global default
-def parse_kernel_setting(text: str | None) -> dict[str, str]:
-    """Parse a ``BEVT_KERNELS`` / ``--kernels`` string into {op: backend-or-"auto"} for every op."""
+ENV_VAR = "BEVT_KERNELS"
+
+
+def parse_kernel_setting(text: str | None, source: str = ENV_VAR) -> dict[str, str]:
+    """Parse a ``BEVT_KERNELS``-style string into {op: backend-or-"auto"} for every op.
+
+    ``source`` names where the string came from in the error (a ValueError that also lists the valid forms,
+    ops and backends).
+    """
     out = {op: AUTO for op in OPS}
     if text is None or not text.strip():
         return out
-    text = text.strip()
-    if "=" not in text:
-        _check_backend_name(text, "BEVT_KERNELS")
-        if text in ("ref", AUTO):
-            return {op: text for op in OPS}
+    setting = text.strip()
+    if "=" not in setting:
+        if setting != AUTO and setting not in BACKENDS:
+            raise _setting_error(source, text, f"unknown backend {setting!r}")
+        if setting in ("ref", AUTO):
+            return {op: setting for op in OPS}
         for op in OPS:  # "triton": every op that has a triton backend; the rest stay auto
-            if text in _PRIORITY[op]:
-                out[op] = text
+            if setting in _PRIORITY[op]:
+                out[op] = setting
         return out
-    for part in text.split(","):
+    for part in setting.split(","):
         if not part.strip():
             continue
         if "=" not in part:
-            raise ValueError(f"BEVT_KERNELS: expected op=backend, got {part!r} in {text!r}")
+            raise _setting_error(source, text, f"expected op=backend, got {part.strip()!r}")
         op, be = (s.strip() for s in part.split("=", 1))
         if op not in OPS:
-            raise ValueError(f"BEVT_KERNELS: unknown op {op!r}; ops are {', '.join(OPS)}")
-        _check_backend_name(be, f"BEVT_KERNELS ({op})")
+            raise _setting_error(source, text, f"unknown op {op!r}")
         if be != AUTO and be not in _PRIORITY[op]:
-            raise ValueError(f"BEVT_KERNELS: op {op} has no backend {be!r}; it has {', '.join(_PRIORITY[op])}")
+            raise _setting_error(source, text, f"op {op} has no backend {be!r}")
         out[op] = be
     return out
+
+
+def _setting_error(source: str, text: str, problem: str) -> ValueError:
+    choices = "; ".join(f"{op}: {', '.join((AUTO,) + _PRIORITY[op])}" for op in OPS)
+    return ValueError(f"{source}={text!r} is invalid: {problem}. Expected one of {AUTO}, {', '.join(BACKENDS)} "
+                      f"(for every op that has it) or comma-separated op=backend pairs, e.g. "
+                      f"window_attention=triton,masked_ce=ref (ops and their backends: {choices})")
 
 
 def _check_backend_name(name: str, where: str) -> None:
@@ -88,13 +105,41 @@ _PRIORITY: dict[str, tuple[str, ...]] = {
     "masking": ("cuda", "ref"),
 }
 
-_defaults: dict[str, str] = parse_kernel_setting(os.environ.get("BEVT_KERNELS"))
+# Defaults set in this process (set_default_backend, use_backend, a config's kernels.*): they win over
+# BEVT_KERNELS for the ops they name.
+_overrides: dict[str, str] = {}
+# BEVT_KERNELS, parsed at its first use and not at import: an invalid value must not stop ``import bevt`` (nor
+# ``bevt info``, which reports it); it raises where a default is needed. None: not parsed yet.
+_from_environment: dict[str, str] | None = None
+
+
+def _environment_defaults() -> dict[str, str]:
+    global _from_environment
+    if _from_environment is None:
+        _from_environment = parse_kernel_setting(os.environ.get(ENV_VAR), ENV_VAR)
+    return _from_environment
+
+
+def reload_environment_setting() -> None:
+    """Forget the parsed ``BEVT_KERNELS``: the next use of a default reads the variable again (tests)."""
+    global _from_environment
+    _from_environment = None
+
+
+def environment_setting_problem() -> str:
+    """Why ``BEVT_KERNELS`` cannot be used (the error message), or "" when it can (``bevt info``)."""
+    try:
+        _environment_defaults()
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def set_default_backend(backend: str | dict[str, str] | None, op: str | None = None) -> None:
     """Set the default backend of one op (``op=...``) or of all ops; ``None``/"auto" restores auto.
 
-    A dict (as from ``kernels`` in the config) sets several ops at once.
+    A dict (as from ``kernels`` in the config) sets several ops at once. What is set here wins over
+    ``BEVT_KERNELS`` (which is then not needed for those ops).
     """
     if isinstance(backend, dict):
         for k, v in backend.items():
@@ -102,30 +147,36 @@ def set_default_backend(backend: str | dict[str, str] | None, op: str | None = N
         return
     backend = AUTO if backend is None else backend
     if op is None:
-        _defaults.update(parse_kernel_setting(backend))
+        _overrides.update(parse_kernel_setting(backend, "default backend"))
         return
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     _check_backend_name(backend, f"default backend of {op}")
     if backend != AUTO and backend not in _PRIORITY[op]:
         raise ValueError(f"op {op} has no backend {backend!r}; it has {', '.join(_PRIORITY[op])}")
-    _defaults[op] = backend
+    _overrides[op] = backend
 
 
 def get_default_backend(op: str) -> str:
-    return _defaults[op]
+    """The default backend of ``op``: set in this process, else from ``BEVT_KERNELS``, else "auto".
+
+    Raises ValueError naming ``BEVT_KERNELS`` when the default comes from it and it is invalid.
+    """
+    if op in _overrides:
+        return _overrides[op]
+    return _environment_defaults()[op]
 
 
 @contextlib.contextmanager
 def use_backend(backend: str | dict[str, str] | None, op: str | None = None) -> Iterator[None]:
     """Temporarily set default backends (tests, benchmarks, convergence checks)."""
-    saved = dict(_defaults)
+    saved = dict(_overrides)
     try:
         set_default_backend(backend, op)
         yield
     finally:
-        _defaults.clear()
-        _defaults.update(saved)
+        _overrides.clear()
+        _overrides.update(saved)
 
 
 def priority(op: str) -> tuple[str, ...]:
@@ -145,7 +196,8 @@ _explicit_depth = 0
 
 def choose(op: str, backend: str | None, predicates: dict[str, Predicate]) -> str:
     """Return the backend to run ``op`` with; see the module docstring for the rules."""
-    requested = backend if backend is not None else _defaults[op]
+    # an explicit backend never reads the defaults (so it works whatever BEVT_KERNELS holds)
+    requested = backend if backend is not None else get_default_backend(op)
     if requested != AUTO:
         if requested not in predicates:
             raise BackendUnavailable(

@@ -142,17 +142,26 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     """Reference window attention; the math of the official WindowAttention3D after the qkv projection.
 
     q, k, v: (BW, nh, N, d); bias_table: (L, nh). Returns (BW, nh, N, d) in q's dtype. Scores are
-    formed in the input dtype (as the official code under AMP) and the softmax runs in fp32.
+    formed in the input dtype (as the official code under AMP) and the softmax runs in fp32. Inputs are
+    checked as by :func:`window_attention`.
     """
-    ws = _triple(window_size, "window_size")
+    ws, ts, _, ms, pg = check_inputs("window_attention_ref", (q, k, v), bias_table, window_size=window_size,
+                                     table_window_size=table_window_size, mask_shift_size=mask_shift_size,
+                                     padded_grid=padded_grid)
+    return _windows_ref(q, k, v, bias_table, ws, ts, pg, ms, scale)
+
+
+def _windows_ref(q, k, v, bias_table, ws: Triple, ts: Triple, padded_grid: Triple | None, ms: Triple,
+                 scale: float | None) -> torch.Tensor:
+    """:func:`window_attention_ref` on checked inputs."""
     BW, nh, N, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    idx = relative_position_index(ws, table_window_size, q.device)
+    idx = relative_position_index(ws, ts, q.device)
     bias = bias_table[idx.view(-1)].view(N, N, nh).permute(2, 0, 1)  # nh, N, N
     attn = (q * scale) @ k.transpose(-2, -1)
     attn = attn + bias.to(attn.dtype).unsqueeze(0)
-    mask = window_mask(padded_grid, ws, mask_shift_size, q.device) if padded_grid is not None else None
-    if mask is not None:
+    mask = window_mask(padded_grid, ws, ms, q.device) if padded_grid is not None else None
+    if mask is not None and mask.shape[0]:  # (a grid with an axis of 0 tokens has no windows, nothing to mask)
         nW = mask.shape[0]
         attn = attn.view(BW // nW, nW, nh, N, N) + mask.to(attn.dtype)[None, :, None]
         attn = attn.view(BW, nh, N, N)
@@ -167,10 +176,18 @@ def window_attention_tokens_ref(qkv: torch.Tensor, bias_table: torch.Tensor, *, 
                                 scale: float | None = None) -> torch.Tensor:
     """Reference token-layout window attention: pad, roll, partition, attend, reverse, roll back, crop.
 
-    qkv: (B, D, H, W, 3, nh, d); kv_pad: (2, nh, d) or None (zeros). Returns (B, D, H, W, nh, d).
+    qkv: (B, D, H, W, 3, nh, d); kv_pad: (2, nh, d) or None (zeros). Returns (B, D, H, W, nh, d). Inputs
+    are checked as by :func:`window_attention_tokens`.
     """
-    ws, ss = _triple(window_size, "window_size"), _triple(shift_size, "shift_size")
-    ms = ss if mask_shift_size is None else _triple(mask_shift_size, "mask_shift_size")
+    ws, ts, ss, ms, _ = check_inputs("window_attention_tokens_ref", (qkv,), bias_table, window_size=window_size,
+                                     table_window_size=table_window_size, shift_size=shift_size,
+                                     mask_shift_size=mask_shift_size, kv_pad=kv_pad)
+    return _tokens_ref(qkv, bias_table, ws, ts, ss, ms, kv_pad, scale)
+
+
+def _tokens_ref(qkv, bias_table, ws: Triple, ts: Triple, ss: Triple, ms: Triple, kv_pad: torch.Tensor | None,
+                scale: float | None) -> torch.Tensor:
+    """:func:`window_attention_tokens_ref` on checked inputs."""
     B, D, H, W, three, nh, d = qkv.shape
     Dp, Hp, Wp = padded_size((D, H, W), ws)
     q, k, v = qkv.unbind(4)
@@ -187,8 +204,7 @@ def window_attention_tokens_ref(qkv: torch.Tensor, bias_table: torch.Tensor, *, 
         shifts = tuple(-s for s in ss)
         q, k, v = (torch.roll(t, shifts=shifts, dims=dims) for t in (q, k, v))
     qw, kw, vw = (partition_windows(t, ws).transpose(1, 2) for t in (q, k, v))  # BW, nh, N, d
-    ow = window_attention_ref(qw, kw, vw, bias_table, window_size=ws, table_window_size=table_window_size,
-                              padded_grid=(Dp, Hp, Wp), mask_shift_size=ms, scale=scale)
+    ow = _windows_ref(qw, kw, vw, bias_table, ws, ts, (Dp, Hp, Wp), ms, scale)
     o = reverse_windows(ow.transpose(1, 2), ws, B, (Dp, Hp, Wp))
     if any(ss):
         o = torch.roll(o, shifts=tuple(ss), dims=(1, 2, 3))
@@ -197,7 +213,9 @@ def window_attention_tokens_ref(qkv: torch.Tensor, bias_table: torch.Tensor, *, 
 
 # ----------------------------------------------------------------------------- capabilities
 CAPABILITIES = {
-    "ref": _be.Capabilities(devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    # float64 too: the reference is what the kernels' fp32 results are checked against
+    "ref": _be.Capabilities(devices=("cpu", "cuda"),
+                            dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
                             notes=("any shape",)),
     # fp32 runs with exact fp32 products (no tf32): correct but several times slower than bf16/fp16.
     # tolerances: the kernel's max and mean error against the fp32 reference may be at most these multiples
@@ -210,20 +228,12 @@ CAPABILITIES = {
                                       "deterministic": True,
                                       "tolerances": {"out": 2.0, "grad": 3.0, "fp32_rel": 2e-5}}),
 }
+# dtypes some backend runs (the op refuses others outright; each backend's predicate checks its own list)
+SUPPORTED_DTYPES = tuple(dict.fromkeys(dt for caps in CAPABILITIES.values() for dt in caps.dtypes))
 
 
-def _common_reasons(q: torch.Tensor, bias_table: torch.Tensor, window_size: Triple, table_window_size: Triple) -> list[str]:
-    reasons = []
-    if bias_table.dim() != 2:
-        reasons.append(f"bias_table must be (L, heads), got shape {tuple(bias_table.shape)}")
-    elif bias_table.shape[0] != table_length(table_window_size):
-        reasons.append(f"bias_table has {bias_table.shape[0]} rows but a table for window {table_window_size} "
-                       f"needs {table_length(table_window_size)}")
-    if any(w > t for w, t in zip(window_size, table_window_size)):
-        reasons.append(f"window {window_size} is larger than the table's window {table_window_size}")
-    if q.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"unsupported dtype {q.dtype}")
-    return reasons
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(dt).replace("torch.", "") for dt in dtypes)
 
 
 def can_run_ref(*args, raise_error: bool = False, **kwargs) -> bool:
@@ -234,7 +244,7 @@ def _triton_reasons(dtype: torch.dtype, head_dim: int, n_tokens: int, tensors: S
     caps = CAPABILITIES["triton"]
     reasons = _be.triton_kernel_reasons("window_attention", caps, *tensors)
     if dtype not in caps.dtypes:
-        reasons.append(f"dtype must be one of {caps.dtypes}, got {dtype}")
+        reasons.append(f"dtype must be one of {_dtype_names(caps.dtypes)}, got {_dtype_names([dtype])}")
     if head_dim not in caps.extra["head_dims"]:
         reasons.append(f"head dim must be one of {caps.extra['head_dims']}, got {head_dim}")
     if n_tokens > caps.extra["max_window_tokens"]:
@@ -250,21 +260,101 @@ def can_run_triton(q: torch.Tensor, bias_table: torch.Tensor, *, window_size: Se
                        raise_error)
 
 
+# ----------------------------------------------------------------------------- input checks
+def _sizes(value, name: str, entry: str, minimum: int) -> Triple:
+    """A (d, h, w) argument (an int means all three axes), each entry >= ``minimum``."""
+    try:
+        sizes = _triple(value, name)
+    except (TypeError, ValueError):
+        raise ValueError(f"{entry}: {name} must be an int or 3 ints (d, h, w), got {value!r}") from None
+    if any(x < minimum for x in sizes):
+        raise ValueError(f"{entry}: {name} must be >= {minimum} on every axis, got {sizes}")
+    return sizes
+
+
+def check_inputs(entry: str, qkv: Sequence[torch.Tensor], bias_table: torch.Tensor, *, window_size: Sequence[int],
+                 table_window_size: Sequence[int] | None = None, shift_size: Sequence[int] = (0, 0, 0),
+                 mask_shift_size: Sequence[int] | None = None, padded_grid: Sequence[int] | None = None,
+                 kv_pad: torch.Tensor | None = None) -> tuple[Triple, Triple, Triple, Triple, Triple | None]:
+    """The one validation of both layouts' entry points, whatever the backend: bad input raises ValueError
+    "<entry>: <argument> ..., got <value>" here, before a backend is chosen, so every backend refuses the
+    same inputs with the same message (the backends' predicates only say what *they* cannot run).
+
+    ``qkv`` is ``(q, k, v)`` (windowed layout, each (BW, nh, N, d)) or ``(qkv,)`` (token layout,
+    (B, D, H, W, 3, nh, d)). Returns (window, table window, shift, mask shift, padded grid or None) as
+    triples; the mask shift defaults to the shift, and the padded grid is returned only when a mask applies.
+    """
+    tokens = len(qkv) == 1
+    names = ("qkv",) if tokens else ("q", "k", "v")
+    ws = _sizes(window_size, "window_size", entry, minimum=1)
+    ts = ws if table_window_size is None else _sizes(table_window_size, "table_window_size", entry, minimum=1)
+    ss = _sizes(shift_size, "shift_size", entry, minimum=0)
+    ms = ss if mask_shift_size is None else _sizes(mask_shift_size, "mask_shift_size", entry, minimum=0)
+    for name, shift in (("shift_size", ss), ("mask_shift_size", ms)):
+        if any(s >= w for s, w in zip(shift, ws)):
+            raise ValueError(f"{entry}: {name} must be smaller than the window {ws} on every axis, got {shift}")
+    if any(w > t for w, t in zip(ws, ts)):
+        raise ValueError(f"{entry}: window_size {ws} is larger than the table's window (table_window_size) {ts}")
+
+    first = qkv[0]
+    if tokens:
+        if first.dim() != 7 or first.shape[4] != 3:
+            raise ValueError(f"{entry}: qkv must be (B, D, H, W, 3, heads, head_dim), got {tuple(first.shape)}")
+        nh, d = first.shape[5], first.shape[6]
+    else:
+        if first.dim() != 4:
+            raise ValueError(f"{entry}: q must be (windows, heads, tokens, head_dim), got shape {tuple(first.shape)}")
+        if any(t.shape != first.shape for t in qkv):
+            shapes = ", ".join(str(tuple(t.shape)) for t in qkv)
+            raise ValueError(f"{entry}: q, k, v must have one shape, got {shapes}")
+        nh, d = first.shape[1], first.shape[3]
+        if first.shape[2] != math.prod(ws):
+            raise ValueError(f"{entry}: q has {first.shape[2]} tokens per window, window {ws} has {math.prod(ws)}")
+    if d < 1:  # also keeps the default scale d ** -0.5 finite
+        raise ValueError(f"{entry}: head dim (last axis of {', '.join(names)}) must be >= 1, got {d}")
+
+    dtypes = [t.dtype for t in qkv]
+    if len(set(dtypes)) > 1:
+        raise ValueError(f"{entry}: q, k, v must have one dtype, got {_dtype_names(dtypes)}")
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{entry}: dtype {_dtype_names([first.dtype])} of {', '.join(names)} is not supported; "
+                         f"supported: {_dtype_names(SUPPORTED_DTYPES)}")
+
+    if bias_table.dim() != 2 or bias_table.shape[1] != nh:
+        raise ValueError(f"{entry}: bias_table must be (L, {nh}) (L table rows, one column per head), "
+                         f"got {tuple(bias_table.shape)}")
+    if bias_table.shape[0] != table_length(ts):
+        raise ValueError(f"{entry}: bias_table has {bias_table.shape[0]} rows but a table for window {ts} needs "
+                         f"{table_length(ts)}")
+    # the table and kv_pad may differ from qkv in dtype (fp32 parameters under autocast): floating point only
+    if not bias_table.is_floating_point():
+        raise ValueError(f"{entry}: bias_table must be floating point, got {_dtype_names([bias_table.dtype])}")
+    tensors = [*qkv, bias_table]
+    if kv_pad is not None:
+        if tuple(kv_pad.shape) != (2, nh, d):
+            raise ValueError(f"{entry}: kv_pad must be (2, {nh}, {d}), got {tuple(kv_pad.shape)}")
+        if not kv_pad.is_floating_point():
+            raise ValueError(f"{entry}: kv_pad must be floating point, got {_dtype_names([kv_pad.dtype])}")
+        tensors.append(kv_pad)
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        all_names = [*names, "bias_table"] + (["kv_pad"] if kv_pad is not None else [])
+        raise ValueError(f"{entry}: all tensors must be on one device, got " +
+                         ", ".join(f"{n} on {t.device}" for n, t in zip(all_names, tensors)))
+
+    pg = None
+    if any(ms) and not tokens:  # the token layout derives its padded grid from qkv
+        if padded_grid is None:
+            raise ValueError(f"{entry}: padded_grid is required when mask_shift_size is non-zero")
+        pg = _sizes(padded_grid, "padded_grid", entry, minimum=1)
+        nW = math.prod(p // w for p, w in zip(pg, ws))
+        if any(p % w for p, w in zip(pg, ws)) or first.shape[0] % nW:
+            raise ValueError(f"{entry}: padded_grid {pg} is not tiled by window {ws} into a divisor of "
+                             f"{first.shape[0]} windows")
+    return ws, ts, ss, ms, pg
+
+
 # ----------------------------------------------------------------------------- public ops
-def _check_windowed(q, k, v, bias_table, ws, ts):
-    if q.dim() != 4:
-        raise ValueError(f"window_attention: q must be (windows, heads, tokens, head_dim), got shape {tuple(q.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"window_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] != math.prod(ws):
-        raise ValueError(f"window_attention: q has {q.shape[2]} tokens per window, window {ws} has {math.prod(ws)}")
-    if bias_table.dim() != 2 or bias_table.shape[1] != q.shape[1]:
-        raise ValueError(f"window_attention: bias_table must be (L, {q.shape[1]}), got {tuple(bias_table.shape)}")
-    reasons = _common_reasons(q, bias_table, ws, ts)
-    if reasons:
-        raise ValueError("window_attention: " + "; ".join(reasons))
-
-
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor, *,
                      window_size: Sequence[int], table_window_size: Sequence[int] | None = None,
                      padded_grid: Sequence[int] | None = None, mask_shift_size: Sequence[int] = (0, 0, 0),
@@ -272,40 +362,35 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tab
     """Attention inside windows with relative position bias and the shifted-window mask.
 
     Args:
-        q, k, v: (BW, nh, N, d), windows of B samples in :func:`partition_windows` order.
+        q, k, v: (BW, nh, N, d), windows of B samples in :func:`partition_windows` order; one dtype.
         bias_table: (L, nh) relative position bias table of ``table_window_size``.
         window_size: effective window (wd, wh, ww), N = wd * wh * ww.
         table_window_size: window the table was built for (default ``window_size``).
         padded_grid: (Dp, Hp, Wp) padded token grid the windows tile; needed when a mask is used.
-        mask_shift_size: shift whose region mask applies (0 on every axis: no mask).
+        mask_shift_size: shift whose region mask applies (0 on every axis: no mask; else 0 <= shift < window).
         scale: score scale (default d ** -0.5).
         backend: None (default/auto), "ref" or "triton".
     Returns:
-        (BW, nh, N, d) in the dtype of q.
+        (BW, nh, N, d) in the dtype of q (empty when q is).
+    Raises:
+        ValueError for bad input (see :func:`check_inputs`); BackendUnavailable when the requested
+        backend cannot run it.
     """
-    ws = _triple(window_size, "window_size")
-    ts = _triple(table_window_size, "table_window_size") if table_window_size is not None else ws
-    ms = _triple(mask_shift_size, "mask_shift_size")
-    _check_windowed(q, k, v, bias_table, ws, ts)
-    if any(ms):
-        if padded_grid is None:
-            raise ValueError("window_attention: padded_grid is required when mask_shift_size is non-zero")
-        pg = _triple(padded_grid, "padded_grid")
-        nW = math.prod(p // w for p, w in zip(pg, ws))
-        if any(p % w for p, w in zip(pg, ws)) or q.shape[0] % nW:
-            raise ValueError(f"window_attention: padded_grid {pg} is not tiled by window {ws} into a divisor of "
-                             f"{q.shape[0]} windows")
+    ws, ts, _, ms, pg = check_inputs("window_attention", (q, k, v), bias_table, window_size=window_size,
+                                     table_window_size=table_window_size, mask_shift_size=mask_shift_size,
+                                     padded_grid=padded_grid)
     name = _be.choose(OP, backend, {
         "triton": lambda r: can_run_triton(q, bias_table, window_size=ws, table_window_size=ts, raise_error=r),
         "ref": lambda r: True,
     })
-    if name == "triton":
+    # no windows or no heads: nothing to compute, and the kernels' launch grids cannot be empty; the reference
+    # gives the empty output and the zero gradients exactly
+    if name == "triton" and q.numel() > 0:
         from bevt.kernels import window_attention as kern
 
         return kern.window_attention(q, k, v, bias_table, window_size=ws, table_window_size=ts,
-                                     padded_grid=padded_grid, mask_shift_size=ms, scale=scale)
-    return window_attention_ref(q, k, v, bias_table, window_size=ws, table_window_size=ts, padded_grid=padded_grid,
-                                mask_shift_size=ms, scale=scale)
+                                     padded_grid=pg, mask_shift_size=ms, scale=scale)
+    return _windows_ref(q, k, v, bias_table, ws, ts, pg, ms, scale)
 
 
 def window_attention_tokens(qkv: torch.Tensor, bias_table: torch.Tensor, *, window_size: Sequence[int],
@@ -318,41 +403,33 @@ def window_attention_tokens(qkv: torch.Tensor, bias_table: torch.Tensor, *, wind
         qkv: (B, D, H, W, 3, nh, d), the qkv projection of the (unpadded) tokens.
         bias_table: (L, nh).
         window_size: effective window (already clamped to the grid, as ``get_window_size`` does).
-        shift_size: cyclic shift of this block (0 for unshifted blocks).
+        shift_size: cyclic shift of this block (0 for unshifted blocks; else 0 <= shift < window).
         table_window_size: window the table was built for (default ``window_size``).
         kv_pad: (2, nh, d) k and v of padded tokens (the qkv bias), or None for zeros.
         mask_shift_size: shift whose region mask applies; default ``shift_size``. (Differs only in the
             official image-stream quirk, where unshifted blocks still apply the shifted mask.)
         backend: None (default/auto), "ref" or "triton".
     Returns:
-        (B, D, H, W, nh, d) in qkv's dtype.
+        (B, D, H, W, nh, d) in qkv's dtype (empty when qkv is).
+    Raises:
+        ValueError for bad input (see :func:`check_inputs`); BackendUnavailable when the requested
+        backend cannot run it.
     """
-    ws, ss = _triple(window_size, "window_size"), _triple(shift_size, "shift_size")
-    ts = _triple(table_window_size, "table_window_size") if table_window_size is not None else ws
-    ms = ss if mask_shift_size is None else _triple(mask_shift_size, "mask_shift_size")
-    if qkv.dim() != 7 or qkv.shape[4] != 3:
-        raise ValueError(f"window_attention_tokens: qkv must be (B, D, H, W, 3, heads, head_dim), got {tuple(qkv.shape)}")
-    nh, d = qkv.shape[5], qkv.shape[6]
-    if any(s >= w for s, w in zip(ss, ws) if s) or any(s >= w for s, w in zip(ms, ws) if s):
-        raise ValueError(f"window_attention_tokens: shift {ss} / mask shift {ms} must be smaller than the window {ws}")
-    if kv_pad is not None and tuple(kv_pad.shape) != (2, nh, d):
-        raise ValueError(f"window_attention_tokens: kv_pad must be (2, {nh}, {d}), got {tuple(kv_pad.shape)}")
-    if bias_table.dim() != 2 or bias_table.shape[1] != nh:
-        raise ValueError(f"window_attention_tokens: bias_table must be (L, {nh}), got {tuple(bias_table.shape)}")
-    reasons = _common_reasons(qkv, bias_table, ws, ts)
-    if reasons:
-        raise ValueError("window_attention_tokens: " + "; ".join(reasons))
+    ws, ts, ss, ms, _ = check_inputs("window_attention_tokens", (qkv,), bias_table, window_size=window_size,
+                                     table_window_size=table_window_size, shift_size=shift_size,
+                                     mask_shift_size=mask_shift_size, kv_pad=kv_pad)
+    d = qkv.shape[6]
     name = _be.choose(OP, backend, {
         "triton": lambda r: _be.verdict(OP, "triton", _triton_reasons(qkv.dtype, d, math.prod(ws), (qkv, bias_table)), r),
         "ref": lambda r: True,
     })
-    if name == "triton":
+    # an empty grid (batch, D, H or W of 0) or no heads: as in window_attention, the reference gives the result
+    if name == "triton" and qkv.numel() > 0:
         from bevt.kernels import window_attention as kern
 
         return kern.window_attention_tokens(qkv, bias_table, window_size=ws, shift_size=ss, table_window_size=ts,
                                             kv_pad=kv_pad, mask_shift_size=ms, scale=scale)
-    return window_attention_tokens_ref(qkv, bias_table, window_size=ws, shift_size=ss, table_window_size=ts,
-                                       kv_pad=kv_pad, mask_shift_size=ms, scale=scale)
+    return _tokens_ref(qkv, bias_table, ws, ts, ss, ms, kv_pad, scale)
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
