@@ -29,11 +29,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 @pytest.fixture(autouse=True)
-def _restore_torch_backend_flags():
-    """A training run sets TF32 and cudnn.benchmark for its process (``setup_runtime``); tests that run one
-    in-process must not change the precision of the kernel tests after them (fp32 checks on a GPU)."""
+def _restore_process_settings():
+    """A training run sets TF32, cudnn.benchmark and its ``kernels.*`` default backends for its process
+    (``setup_runtime``); tests that run one in-process must not change the tests after them (the precision
+    of the fp32 kernel checks on a GPU, which backend ``None`` picks)."""
+    from bevt.ops import backend
+
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    yield
+    with backend.use_backend({}):  # restores the default backends on exit
+        yield
     (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
 
 
