@@ -386,6 +386,14 @@ def test_bad_input_errors(synth_dataset, tiny_finetune, tmp_path, capsys):
         build_config("k400", ["eval.test_short_side=256"])
     with pytest.raises(ConfigError, match="has no field 'lrr'"):
         build_config("default", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="data.short_side must be <= 2048, got 100000"):
+        build_config("default", ["data.short_side=100000"])
+    with pytest.raises(ConfigError, match="eval.test_short_side must be <= 2048"):
+        build_config("default", ["eval.test_short_side=5000", "eval.test_crops=1"])
+    with pytest.raises(ConfigError, match="data.crop_size must be a positive multiple of 32, got 0"):
+        build_config("default", ["data.crop_size=0"])
+    with pytest.raises(ConfigError, match="data.class_names: class-name file not found: .*nonexist.txt"):
+        finetune(tiny_finetune(tmp_path / "r7", f"data.class_names={tmp_path / 'nonexist.txt'}"))
     with pytest.raises(ValueError, match="no tensor of this checkpoint matches"):
         from safetensors.torch import save_file
 
@@ -398,6 +406,35 @@ def test_bad_input_errors(synth_dataset, tiny_finetune, tmp_path, capsys):
     assert main(["finetune", "--set", f"data.root={synth_dataset.root}", "--set", "model.init_from=/no/such",
                  "--set", "model.init_optional=false", "--set", "run.progress=false"]) == 2
     assert re.search(r"checkpoint not found: /no/such", capsys.readouterr().err)
+
+
+def test_a_failed_validation_keeps_the_epoch_and_a_refused_resume_keeps_the_config(synth_dataset, tiny_finetune,
+                                                                                    tmp_path, capsys):
+    """Unreadable validation videos fail the run after its first epoch; that epoch's checkpoint is written
+    first and named. A resume refused for another model leaves the run's config.json as the run wrote it."""
+    from bevt.cli import main
+    from bevt.train.finetune import finetune
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(os.urandom(3000))
+    val = tmp_path / "val_bad.txt"
+    val.write_text("".join(f"{bad} {i}\n" for i in range(4)))
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="could not be read"):
+        finetune(tiny_finetune(run, f"data.val_list={val}", "optim.max_steps=0", "eval.val_every=1"))
+    err = capsys.readouterr().err
+    assert "the epoch's checkpoint is written" in err and "--resume auto" in err, err
+    assert os.listdir(run / "checkpoints") == ["step_00000004"]  # 16 clips / batch 4: one epoch
+
+    with open(run / "config.json") as f:
+        before = f.read()
+    args = ["finetune", "--resume", "auto"]
+    for ov in tiny_finetune.overrides + [f"run.out_dir={run}", "model.name=videoswin_tiny_patch244_window877"]:
+        args += ["--set", ov]
+    assert main(args) == 2
+    assert "its weights do not fit this run's model" in capsys.readouterr().err
+    with open(run / "config.json") as f:
+        assert f.read() == before
 
 
 def test_an_init_checkpoint_named_by_hand_must_load(tmp_path):

@@ -68,6 +68,10 @@ class FTModelConfig:
                f"model.pretrained_window must be all 0 (infer) or all positive, got {pw}")
 
 
+# frames are resized to the short side before cropping: a 32-frame clip at 2048 px already takes ~0.7 GB
+MAX_SHORT_SIDE = 2048
+
+
 @dataclass
 class FTDataConfig:
     root: str = "data/synth"
@@ -79,7 +83,8 @@ class FTDataConfig:
     test_list: str = ""
     """List ``bevt eval`` / ``bevt analyze`` use by default (empty: ``val_list``)."""
     class_names: str = "classes.txt"
-    """Optional file with one class name per line; when it exists its length must equal model.num_classes."""
+    """File with one class name per line; its length must equal model.num_classes. Optional under this default
+    name (a dataset without it uses the label numbers); another name must exist."""
     synthesize_if_missing: bool = False
     """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default).
     Overriding ``data.root`` without also setting this field turns it off: the path then holds your data."""
@@ -112,9 +117,12 @@ class FTDataConfig:
         _check(self.num_segments >= 0, f"data.num_segments must be >= 0, got {self.num_segments}")
         frames = self.num_segments or self.clip_len
         _check(frames % 2 == 0, f"clips need an even number of frames (temporal patch 2), got {frames}")
-        _check(self.crop_size % 32 == 0, f"data.crop_size must be a multiple of 32, got {self.crop_size}")
+        _check(self.crop_size >= 32 and self.crop_size % 32 == 0,
+               f"data.crop_size must be a positive multiple of 32, got {self.crop_size}")
         _check(self.short_side >= self.crop_size,
                f"data.short_side ({self.short_side}) must be >= data.crop_size ({self.crop_size})")
+        _check(self.short_side <= MAX_SHORT_SIDE, f"data.short_side must be <= {MAX_SHORT_SIDE}, got "
+                                                  f"{self.short_side} (frames are resized to it before cropping)")
         lo, hi = self.area_range
         _check(0 < lo <= hi <= 1, f"data.area_range must satisfy 0 < lo <= hi <= 1, got {self.area_range}")
         lo, hi = self.aspect_ratio_range
@@ -215,6 +223,8 @@ class FinetuneConfig:
         else:
             _check(e.test_short_side >= d.crop_size,
                    f"eval.test_short_side ({e.test_short_side}) must be >= data.crop_size ({d.crop_size})")
+        _check(e.test_short_side <= MAX_SHORT_SIDE,
+               f"eval.test_short_side must be <= {MAX_SHORT_SIDE}, got {e.test_short_side}")
         if d.num_segments:
             _check(e.test_clips == 1, f"uniform segments give one clip per video (official SSv2: 1 clip x 3 crops); "
                                       f"set eval.test_clips=1, got {e.test_clips}")
@@ -313,6 +323,9 @@ def ensure_data(cfg: FinetuneConfig, dist) -> None:
                  hint="data.train_list / data.val_list")
 
 
+_OPTIONAL_CLASS_NAMES = FTDataConfig.class_names  # the default file name, used when the dataset has it
+
+
 def resolve_classes(cfg: FinetuneConfig, lists: list[str]) -> tuple[int, list[str] | None]:
     """(num_classes, class names or None) for the dataset, checked against ``model.num_classes``.
 
@@ -327,6 +340,9 @@ def resolve_classes(cfg: FinetuneConfig, lists: list[str]) -> tuple[int, list[st
     names_path = data_path(d.root, d.class_names) if d.class_names else ""
     if names_path and os.path.isfile(names_path):
         names = read_class_names(names_path)
+    elif names_path and d.class_names != _OPTIONAL_CLASS_NAMES:  # named by hand: a typo must not drop the names
+        raise ConfigError(f"data.class_names: class-name file not found: {names_path} (set data.class_names= to "
+                          f"use the label numbers as names)")
     max_label, where = -1, ""
     for lst in lists:
         p = data_path(d.root, lst)
@@ -618,9 +634,6 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
         train_model = wrap_model(model, dist, device, cfg.run)
 
         run_dir = cfg.run.out_dir
-        if dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            save_json(cfg, os.path.join(run_dir, "config.json"))
         validation = None
         if val_loader is not None:
             validation = EpochValidation(cfg, val_loader, train_model, ema, device, amp, dist,
@@ -635,6 +648,9 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                           main_loader="video", optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir, config_dict=to_dict(cfg), ema=ema, on_epoch_end=validation)
         trainer.resume_as_asked(resume)
+        if dist.is_main:  # after the resume checks: a refused resume leaves the run's config.json as it was
+            os.makedirs(run_dir, exist_ok=True)
+            save_json(cfg, os.path.join(run_dir, "config.json"))
         result = trainer.fit()
         if (validation is not None and not result["stopped_by"]  # a stopped run exits now; validation waits
                 and (not validation.history or validation.history[-1]["step"] != trainer.state.step)):

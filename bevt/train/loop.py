@@ -203,6 +203,21 @@ class Trainer:
             # this run's own checkpoint of this step exists: a finished run resumed again writes nothing
             self.last_checkpoint, self._saved_step = ckpt_dir, self.state.step
 
+    def _epoch_end_keeping_the_epoch(self, epoch: int) -> dict | None:
+        """``on_epoch_end`` (validation); when it fails (unreadable validation videos, say), the epoch just
+        trained is checkpointed first, so that ``--resume auto`` goes on from it once the cause is fixed. One
+        process only: under torchrun the other processes may be waiting inside the validation."""
+        try:
+            return self.on_epoch_end(epoch, self)
+        except Exception:
+            if self.dist.enabled or self._saved_step == self.state.step:
+                raise
+            path = self.save()
+            print(f"bevt: the end-of-epoch work after epoch {epoch} failed (below); the epoch's checkpoint is "
+                  f"written: {path}; once the cause is fixed, the same command with --resume auto goes on from it",
+                  file=sys.stderr)
+            raise
+
     def save(self) -> str | None:
         if not _parameters_finite(self.model):  # never replace good checkpoints with a diverged model
             raise TrainingDiverged(self._diverged_message(
@@ -293,7 +308,7 @@ class Trainer:
                         st.epoch += 1
                         st.step_in_epoch = 0
                         if self.on_epoch_end is not None and not stop_now:
-                            extra = self.on_epoch_end(st.epoch, self)
+                            extra = self._epoch_end_keeping_the_epoch(st.epoch)
                             if extra:
                                 log.log(st.step, extra, tuple(extra))
                         if cfg.ckpt_every == 0 and st.step < cfg.total_steps:

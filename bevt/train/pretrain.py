@@ -432,9 +432,6 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
         train_model = wrap_model(model, dist, device, cfg.run)
 
         run_dir = cfg.run.out_dir
-        if dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            save_json(cfg, os.path.join(run_dir, "config.json"))
         bar_keys = tuple(k for k in ("loss", "acc_video", "acc_image", "clips_per_s", "images_per_s", "data_wait_pct", "mem_gb"))
         loop_cfg = LoopConfig(total_steps=total_steps, steps_per_epoch=steps_per_epoch, accum_steps=o.accum_steps,
                               clip_grad=o.clip_grad, amp=amp, log_every=cfg.run.log_every,
@@ -447,6 +444,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
                           dist=dist, run_dir=run_dir,
                           config_dict=dict(to_dict(cfg), **{FINGERPRINTS: {"tokenizer_sha256": tokenizer_sha}}))
         trainer.resume_as_asked(resume)
+        if dist.is_main:  # after the resume checks: a refused resume leaves the run's config.json as it was
+            os.makedirs(run_dir, exist_ok=True)
+            save_json(cfg, os.path.join(run_dir, "config.json"))
         result = trainer.fit()
         skipped = sorted(set().union(*[set(l.skipped_files) for l in loaders.values()]))
         summary = dict(result, run_dir=run_dir, recipe=cfg.recipe, model=cfg.model.name, mode=cfg.model.mode,
