@@ -260,9 +260,20 @@ def test_reproduce_minimal(tmp_path, capsys):
     again = reproduce("cpu", str(out), settings=s, device="cpu")
     assert again["rows"] == json.loads(json.dumps(res["rows"]))
     assert capsys.readouterr().err.count("skipped") == 13
+    s2 = reproduce_settings("cpu", **{**s.describe(), "ft_epochs": 1.0})
     with pytest.raises(ValueError, match="other settings.*ft_epochs"):
-        reproduce("cpu", str(out), settings=reproduce_settings("cpu", **{**s.describe(), "ft_epochs": 1.0}),
-                  device="cpu")
+        reproduce("cpu", str(out), settings=s2, device="cpu")
+    # --fresh with one method, then the others with the new settings: the stages the fresh run did not redo
+    # were made with the old settings and are redone, not reported as done
+    reproduce("cpu", str(out), settings=s2, device="cpu", fresh=True, methods=("scratch",))
+    capsys.readouterr()
+    mixed = reproduce("cpu", str(out), settings=s2, device="cpu", methods=("scratch", "bevt_i"))
+    err = capsys.readouterr().err
+    assert err.count("other settings; redone") == 4, err  # tokenizer, pretrain, finetune and eval of BEVT-I
+    assert err.count("done in an earlier run") == 3, err  # data and scratch's two, made by the fresh run
+    with open(out / "finetune_bevt_i" / "config.json") as f:
+        assert json.load(f)["optim"]["epochs"] == 1.0
+    assert mixed["complete"]
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -14,8 +14,8 @@ Stages (each a call of the public functions, nothing re-implemented; docs/reprod
 5. evaluation with :func:`bevt.eval.analyze.temporal_analysis` (which runs :func:`bevt.eval.evaluate.evaluate`):
    multi-view top-1 / top-5 on the val list (Table 1) and the single-frame / shuffled drops (Table 2).
 
-Finished stages are skipped when the command is run again with the same ``--out`` (``--fresh`` redoes
-everything), and an interrupted pretraining or fine-tuning resumes from its last checkpoint, so an
+Finished stages are skipped when the command is run again with the same ``--out`` and the same settings
+(``--fresh`` redoes everything; a stage an earlier run made with other settings is redone), and an interrupted pretraining or fine-tuning resumes from its last checkpoint, so an
 interrupted reproduction continues where it stopped. Stages run method by method (BEVT-I, BEVT-V, BEVT,
 then the scratch baseline: pretraining, fine-tuning, evaluation), not stage type by stage type.
 
@@ -223,11 +223,14 @@ def stage_names(methods) -> list[str]:
 
 
 class _Stages:
-    """Runs named stages with progress lines; a stage whose ``<out>/<name>.done.json`` exists is skipped
-    (its saved result is returned), so a second run with the same ``--out`` continues where one stopped."""
+    """Runs named stages with progress lines; a stage whose ``<out>/<name>.done.json`` exists and was made
+    with the same settings is skipped (its saved result is returned), so a second run with the same ``--out``
+    continues where one stopped. A marker of other settings (a ``--fresh`` study of other methods left it)
+    is redone."""
 
-    def __init__(self, out_dir: str, names: list[str], fresh: bool):
+    def __init__(self, out_dir: str, names: list[str], fresh: bool, record: dict):
         self.out_dir, self.names, self.fresh = out_dir, names, fresh
+        self.record = json.loads(json.dumps(record))  # tuples -> lists, as read back
         self.t0 = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
@@ -235,17 +238,21 @@ class _Stages:
         k = self.names.index(name) + 1
         tag = f"bevt reproduce: [{k}/{len(self.names)}] {name}"
         marker = os.path.join(self.out_dir, f"{name}.done.json")
+        redo = self.fresh
         if not self.fresh and os.path.isfile(marker):
             with open(marker) as f:
                 saved = json.load(f)
-            self.seconds[name] = saved["seconds"]
-            print(f"{tag}: done in an earlier run ({saved['seconds']:.0f} s), skipped", file=sys.stderr)
-            return saved
-        if self.fresh and run_dir and os.path.isdir(run_dir):
+            if saved.get("study_settings") == self.record:
+                self.seconds[name] = saved["seconds"]
+                print(f"{tag}: done in an earlier run ({saved['seconds']:.0f} s), skipped", file=sys.stderr)
+                return saved
+            print(f"{tag}: an earlier run made it with other settings; redone", file=sys.stderr)
+            redo = True
+        if redo and run_dir and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # else the stage would resume the old run's checkpoints
         print(f"{tag} ... (study time so far {time.perf_counter() - self.t0:.0f} s)", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        result = dict(fn(), seconds=round(time.perf_counter() - t, 1))
+        result = dict(fn(), seconds=round(time.perf_counter() - t, 1), study_settings=self.record)
         tmp = marker + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -299,11 +306,12 @@ def reproduce(scale: str = "cpu", out_dir: str = "runs/reproduce", *, seed: int 
     dev = resolve_device(device)  # fails early for --device cuda without a GPU
     device_name = str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
     os.makedirs(out_dir, exist_ok=True)
-    _check_settings(out_dir, {"scale": scale, "seed": seed, "settings": s.describe()}, fresh)
+    record = {"scale": scale, "seed": seed, "settings": s.describe()}
+    _check_settings(out_dir, record, fresh)
     data_root = os.path.join(out_dir, "data")
     tok_path = os.path.join(out_dir, "tokenizer.safetensors")
     names = stage_names(methods)
-    stages = _Stages(out_dir, names, fresh)
+    stages = _Stages(out_dir, names, fresh, record)
     result = {"scale": scale, "settings": s.describe(), "seed": seed, "device": device_name,
               "methods": [m for m in METHODS if m in methods], "rows": {}, "complete": False}
 
