@@ -326,6 +326,20 @@ def test_bad_input_errors(finetuned, synth_dataset, tmp_path, capsys):
     fails(["eval", "--checkpoint", str(tmp_path / "copy" / "model.safetensors")], "has no config.json", "--recipe")
     fails(["eval", "--checkpoint", str(tmp_path / "copy" / "model.safetensors"), "--recipe", "default",
            "--weights", "ema", "--set", f"data.root={synth_dataset.root}"], "holds no EMA weights")
+    # an unreadable video is not counted, nor replaced by the next one counted twice under its own label
+    bad_video = tmp_path / "bad.mp4"
+    bad_video.write_bytes(os.urandom(3000))
+    rows = open(synth_dataset.val_list).read().splitlines()
+    mixed = tmp_path / "val_with_a_bad_video.txt"
+    mixed.write_text(f"{bad_video} 5\n" + "".join(f"{synth_dataset.root}/{r}\n" for r in rows))
+    assert main(["eval", "--checkpoint", finetuned, "--list", str(mixed), "--out", str(tmp_path / "ev_bad"),
+                 "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(rows)} videos" in printed and "not counted: 1 unreadable video(s)" in printed, printed
+    with open(tmp_path / "ev_bad" / "results.json") as f:
+        res = json.load(f)
+    assert res["videos"] == len(rows) and res["skipped_files"] == [str(bad_video)]
+    assert sum(p["videos"] for p in res["results"]["normal"]["per_class"]) == len(rows)
     a_file = tmp_path / "results_here"  # --out names a file: refused before the evaluation, not after
     a_file.write_text("keep me")
     fails(["eval", "--checkpoint", finetuned, "--out", str(a_file)], f"--out {a_file}: is a file, not a folder")

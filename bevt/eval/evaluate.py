@@ -144,13 +144,21 @@ def predict(model, loader, *, device: torch.device, amp: str = "off", transforms
         net.train(was_training)
     if not labels:
         raise ValueError("the evaluation loader produced no batches (empty list?)")
-    local = (torch.cat(index), torch.cat(labels), {k: torch.cat(v).cpu() for k, v in probs.items()})
+    # an unreadable video's slot holds the next readable one (the loaders substitute, as in training): that
+    # video is already counted at its own index, so the slot is dropped, not counted twice under its label
+    unreadable = set(getattr(loader, "skipped_files", ()))  # (any iterable of batches is a loader here)
+    bad = [i for i, item in enumerate(loader.dataset.items) if item.path in unreadable] if unreadable else []
+    local = (torch.cat(index), torch.cat(labels), {k: torch.cat(v).cpu() for k, v in probs.items()}, bad)
     parts = all_gather_objects(local, dist) if dist is not None else [local]
     idx_all = torch.cat([p[0] for p in parts])
     lab_all = torch.cat([p[1] for p in parts])
+    bad_all = torch.tensor(sorted(set().union(*(p[3] for p in parts))), dtype=idx_all.dtype)
     order = torch.argsort(idx_all, stable=True)
     keep = torch.ones_like(order, dtype=torch.bool)
     keep[1:] = idx_all[order][1:] != idx_all[order][:-1]  # padding repeats samples across ranks
+    keep &= ~torch.isin(idx_all[order], bad_all)
+    if not keep.any():
+        raise ValueError(f"no video of the evaluation list could be read ({len(bad_all)} unreadable)")
     order = order[keep]
     return {k: Predictions(torch.cat([p[2][k] for p in parts])[order], lab_all[order], idx_all[order])
             for k in transforms}
@@ -379,6 +387,8 @@ def format_report(out: dict, *, max_classes: int = 30) -> str:
     r = next(iter(out["results"].values()))
     lines = [f"== bevt eval: {out['checkpoint']} ({out['weights']} weights) ==",
              f"list {out['list']}: {out['videos']} videos; views: {out['views_desc']}; softmax averaged over views",
+             *([f"not counted: {len(out['skipped_files'])} unreadable video(s) (warned above)"]
+               if out.get("skipped_files") else []),
              format_table(["metric", "%"], [["top-1", pct(r["top1"])], ["top-5", pct(r["top5"])],
                                             ["mean class accuracy", pct(r["mean_class_accuracy"])]])]
     if len(out["results"]) > 1:
