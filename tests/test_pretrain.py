@@ -609,6 +609,30 @@ def test_a_fresh_run_does_not_write_into_an_earlier_runs_checkpoints(synth_datas
     assert os.path.basename(kept) in os.listdir(tmp_path / "k" / "checkpoints")
 
 
+def test_one_job_at_a_time_per_run_folder(synth_dataset, tokenizer_file, tmp_path):
+    """A run folder another live job holds (its lock: host and pid) is refused before any work; a lock whose
+    process is gone is stale and taken over; the lock is released when the run ends, also when it fails."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ckpt.RunFolderLock.NAME
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # this test's own process: alive
+    with pytest.raises(ConfigError, match=r"is in use by another job .*delete .*\.lock"):
+        pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))
+    lock.write_text(f"another-host.example {os.getpid()}")  # cannot be checked: refused too
+    with pytest.raises(ConfigError, match="in use by another job"):
+        pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{socket.gethostname()} {gone.pid}")  # a crashed job's lock
+    assert pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))["steps"] == 1
+    assert not lock.exists()
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size"):  # fails after taking the lock
+        pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r2", "tokenizer.vocab_size=64"))
+    assert not (tmp_path / "r2" / ckpt.RunFolderLock.NAME).exists()
+
+
 def test_learning_rates_must_be_finite_and_the_floor_below_the_peak():
     for bad in ("optim.min_lr=-1", "optim.min_lr=1", "optim.lr=1e999"):
         with pytest.raises(ConfigError, match="optim"):

@@ -12,13 +12,14 @@ import os
 import random
 import re
 import shutil
+import socket
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from bevt.config import ConfigError
-from bevt.train.distributed import AllReduceParallel
+from bevt.train.distributed import AllReduceParallel, DistInfo, all_gather_objects
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -111,6 +112,77 @@ def check_run_folder(run_dir: str, resume: str | None) -> None:
         raise ConfigError(f"run.out_dir={run_dir!r} holds checkpoints of an earlier run (latest: step "
                           f"{existing[-1][0]}); continue it with --resume auto, or start this run in another folder "
                           f"(--set run.out_dir=...) or after removing {os.path.join(run_dir, 'checkpoints')}")
+
+
+class RunFolderLock:
+    """One job at a time per run folder: two jobs writing into one ``run.out_dir`` would interleave their
+    metrics, overwrite each other's config and checkpoints, and each report the other's weights as its own.
+
+    Rank 0 creates ``<run>/.lock`` (host and pid) atomically; a lock whose process is gone from this host is
+    stale and taken over; a lock of another host cannot be checked and is refused with the way out.
+    ``acquire`` raises ConfigError on every rank when the folder is taken."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, self.NAME)
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+        self.held = False
+
+    def acquire(self, dist: DistInfo) -> None:
+        problem = self._take() if dist.is_main else None
+        problems = [p for p in all_gather_objects(problem, dist) if p]
+        if problems:
+            raise ConfigError(problems[0])
+
+    def _take(self) -> str | None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_text(self.path)
+                if holder is not None and not _process_gone(holder):
+                    return (f"run.out_dir={os.path.dirname(self.path)!r} is in use by another job ({holder or 'unknown'}: "
+                            f"host and process id): two jobs in one folder would mix their metrics and checkpoints; "
+                            f"wait for it, or use another run.out_dir (if no job runs there, delete {self.path})")
+                try:
+                    os.remove(self.path)  # stale: its process ended without removing it (a crash, SIGKILL)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner)
+            self.held = True
+            return None
+        return f"could not take {self.path}: another job keeps creating it"
+
+    def release(self) -> None:
+        if self.held and _read_text(self.path) == self.owner:
+            os.remove(self.path)
+        self.held = False
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None  # released meanwhile
+
+
+def _process_gone(holder: str) -> bool:
+    """True when the lock's process is known to be gone: same host, no such pid. Unknown -> False."""
+    host, _, pid = holder.rpartition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def resolve_resume(resume: str, run_dir: str) -> str | None:

@@ -578,10 +578,10 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.pretrain import data_path, preflight, setup_runtime, summary_title, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
-    loaders = {}
+    loaders, lock = {}, None
     val_loader = None
     try:
-        preflight(cfg.run, device, dist, resume)
+        lock = preflight(cfg.run, device, dist, resume)
         ensure_data(cfg, dist)
         d, o = cfg.data, cfg.optim
         lists = [d.train_list] + ([d.val_list] if cfg.eval.val_every else [])
@@ -669,6 +669,8 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     finally:
         for loader in list(loaders.values()) + ([val_loader] if val_loader is not None else []):
             loader.close()
+        if lock is not None:
+            lock.release()
         cleanup(dist)
 
 

@@ -346,15 +346,19 @@ def check_cuda_graph(run, device: torch.device) -> None:
                           f"(set run.cuda_graph=false)")
 
 
-def preflight(run, device: torch.device, dist: DistInfo, resume: str) -> None:
+def preflight(run, device: torch.device, dist: DistInfo, resume: str) -> ckpt.RunFolderLock:
     """What a training job checks before any data or tokenizer work: the CUDA-graph setting, the output
     folder and the --resume path (a wrong one fails at once; a fresh run never writes into an earlier run's
-    checkpoints), that every kernel backend asked for explicitly can run here, and the speed hint."""
+    checkpoints), that every kernel backend asked for explicitly can run here, and the speed hint. Last, it
+    takes the run folder's lock (another job writing there fails here) -> the lock, to release at the end."""
     check_cuda_graph(run, device)
     ckpt.check_run_folder(run.out_dir, resume)
     ckpt.resolve_resume(resume, run.out_dir)
     describe_backends(device, strict=True)
     speed_hint(run, device, dist)
+    lock = ckpt.RunFolderLock(run.out_dir)
+    lock.acquire(dist)
+    return lock
 
 
 def speed_hint(run, device: torch.device, dist: DistInfo) -> str | None:
@@ -395,9 +399,9 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     from bevt.train.optim import CosineSchedule, build_optimizer, param_groups
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
-    loaders = {}
+    loaders, lock = {}, None
     try:
-        preflight(cfg.run, device, dist, resume)
+        lock = preflight(cfg.run, device, dist, resume)
         ensure_dataset(cfg, dist)
         tokenizer, tokenizer_sha = ensure_tokenizer(cfg, device, dist, ckpt.resolve_resume(resume, cfg.run.out_dir))
         d, o = cfg.data, cfg.optim
@@ -458,6 +462,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     finally:
         for loader in loaders.values():  # also when the run failed: its workers end now, not at exit
             loader.close()
+        if lock is not None:
+            lock.release()
         cleanup(dist)
 
 
