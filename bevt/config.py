@@ -174,6 +174,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be finite and > 0, got {self.lr}")
+        _check(all(0 <= b < 1 for b in self.betas), f"optim.betas must each be in [0, 1), got {self.betas}")
         _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr} "
                f"(below 0 the cosine ends in gradient ascent)")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")

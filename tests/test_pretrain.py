@@ -200,6 +200,8 @@ def test_clear_errors(synth_dataset, tokenizer_file, tmp_path):
         with pytest.raises(ConfigError, match=r"run.seed must be an integer in \[0, 2\^31\), got"):
             build_config("default", [f"run.seed={seed}"])
     assert build_config("default", ["run.seed=2147483647"]).run.seed == 2 ** 31 - 1
+    with pytest.raises(ConfigError, match=r"optim.betas must each be in \[0, 1\), got \(1.5, 0.9\)"):
+        build_config("default", ["optim.betas=1.5,0.9"])
     with pytest.raises(FileNotFoundError, match="dataset not found"):
         pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1", f"data.root={tmp_path / 'nothing'}"))
     empty = tmp_path / "empty"
