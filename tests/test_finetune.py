@@ -436,6 +436,19 @@ def test_a_failed_validation_keeps_the_epoch_and_a_refused_resume_keeps_the_conf
     with open(run / "config.json") as f:
         assert f.read() == before
 
+    # --resume of a pretraining run: said so, with the option that does what was meant
+    from bevt.config import to_dict
+    from bevt.models.bevt import create_bevt
+    from bevt.recipes import RECIPES
+    from bevt.train.checkpoint import save_checkpoint
+
+    pre_cfg = RECIPES.get("default")
+    pre = save_checkpoint(str(tmp_path / "pre"), 1, model=create_bevt(pre_cfg.model.name, vocab_size=16),
+                          trainer_state={"world_size": 1}, config=to_dict(pre_cfg), keep_last=1)
+    with pytest.raises(ValueError, match=r"it is a pretraining checkpoint, and this is a fine-tuning run.*"
+                                         r"model.init_from="):
+        finetune(tiny_finetune(tmp_path / "ft", "optim.max_steps=1"), resume=pre)
+
 
 def test_an_init_checkpoint_named_by_hand_must_load(tmp_path):
     """The default recipe fine-tunes from scratch when its own pretraining run is absent, but a checkpoint

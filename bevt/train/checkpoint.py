@@ -272,6 +272,14 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
     """Load a checkpoint's weights into the model of the run that resumes it; when they do not fit, a
     ValueError that names the settings that differ between the checkpoint's run and this one (its
     ``config.json``) and the tensors that do not fit, instead of torch's page of key names."""
+    try:
+        saved = checkpoint_config(ckpt_dir)
+    except (OSError, ValueError):  # an unreadable config.json: the tensors still say what does not fit
+        saved = None
+    if saved and _job_kind(saved) != _job_kind(run_config):
+        raise ValueError(f"--resume {ckpt_dir}: it is a {_job_kind(saved)} checkpoint, and this is a "
+                         f"{_job_kind(run_config)} run; --resume continues the same run exactly. To start a "
+                         f"{_job_kind(run_config)} run from its weights: --set model.init_from={ckpt_dir}")
     weights = read_model_weights(ckpt_dir)
     target = unwrap_model(model)
     try:
@@ -289,10 +297,6 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
                         ("are not in this model", unexpected)):
         if names:
             parts.append(f"{len(names)} {what} (e.g. {', '.join(names[:3])})")
-    try:
-        saved = checkpoint_config(ckpt_dir)
-    except (OSError, ValueError):  # an unreadable config.json: the tensors still say what does not fit
-        saved = None
     diffs = [] if not saved else [f"{k}: {a!r} there, {b!r} here" for k, (a, b)
                                   in _config_differences(saved, run_config).items()
                                   if k.split(".")[0] in ("model", "tokenizer")]
@@ -301,6 +305,10 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
                      f"{'; '.join(parts)}{settings}. Resume with the settings of that run (its config.json), or start "
                      f"a new run (another run.out_dir, or without --resume); model.init_from={ckpt_dir} starts one "
                      f"from its weights")
+
+
+def _job_kind(config: dict) -> str:
+    return "pretraining" if "tokenizer" in config else "fine-tuning"
 
 
 def _config_differences(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
