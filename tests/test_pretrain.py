@@ -58,6 +58,16 @@ def test_loss_goes_down_and_checkpoint_is_written(synth_dataset, tokenizer_file,
         assert json.load(f)["data"]["crop_size"] == 64
 
 
+def test_resume_with_changed_settings_says_which(synth_dataset, tokenizer_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))
+    capsys.readouterr()
+    pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2", "optim.lr=0.01"), resume="auto")
+    err = capsys.readouterr().err
+    assert "settings changed since that checkpoint" in err and "optim.lr: 0.001 there, 0.01 here" in err, err
+    assert "optim.max_steps: 1 there, 2 here" in err and "run.out_dir" not in err.split("changed since")[1]
+
+
 def test_resume_is_exact(synth_dataset, tokenizer_file, tmp_path):
     full = tiny(synth_dataset, tokenizer_file, tmp_path / "full", "optim.epochs=2", "optim.max_steps=12")
     pretrain(full)

@@ -307,6 +307,20 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
                      f"from its weights")
 
 
+def changed_settings(ckpt_dir: str, run_config: dict, limit: int = 8) -> list[str]:
+    """``"key: old there, new here"`` for the settings of this run that differ from the checkpoint's run
+    (not ``run.out_dir``, nor the recorded file fingerprints); empty when its config cannot be read."""
+    try:
+        saved = checkpoint_config(ckpt_dir)
+    except (OSError, ValueError):
+        return []
+    if not saved:
+        return []
+    diffs = [f"{k}: {a!r} there, {b!r} here" for k, (a, b) in _config_differences(saved, run_config).items()
+             if k != "run.out_dir" and not k.startswith("fingerprints")]
+    return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
 def _job_kind(config: dict) -> str:
     return "pretraining" if "tokenizer" in config else "fine-tuning"
 

@@ -176,6 +176,10 @@ class Trainer:
             self.resume(resume_dir)
             if self.dist.is_main:
                 print(f"bevt: resumed from {resume_dir} at step {self.state.step}", file=sys.stderr)
+                changed = ckpt.changed_settings(resume_dir, self.config_dict)
+                if changed:  # allowed (a longer schedule, another log interval), but said: it is not that run
+                    print(f"bevt: settings changed since that checkpoint (they apply from here on): "
+                          f"{'; '.join(changed)}", file=sys.stderr)
         elif resume == "auto" and self.dist.is_main:
             print(f"bevt: no checkpoint in {self.run_dir}; starting from the beginning", file=sys.stderr)
 
