@@ -30,6 +30,20 @@ COMMANDS: dict[str, object] = {
 }
 
 
+def int_at_least(minimum: int):
+    """argparse ``type=`` for the commands' count options: an integer >= ``minimum`` (argparse names the
+    option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _usage(prefix: str, tree: dict) -> str:
     lines = [f"usage: {prefix} COMMAND [options]", "", "commands:"]
     for name, spec in tree.items():

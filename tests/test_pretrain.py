@@ -140,7 +140,8 @@ def test_resume_with_another_tokenizer_is_a_clear_error(synth_dataset, tokenizer
     tokenizer that is trained when missing, against none) stops before any training instead of going on
     with other target ids."""
     from bevt.config import ConfigError
-    from bevt.train.pretrain import FINGERPRINTS, file_sha256
+    from bevt.train.checkpoint import FINGERPRINTS
+    from bevt.train.pretrain import file_sha256
 
     run = tmp_path / "run"
     s = pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=1"))

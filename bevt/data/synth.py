@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bevt.cli import int_at_least
+
 __all__ = [
     "CLASSES",
     "IMAGE_CLASSES",
@@ -458,40 +460,23 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    v = _nonneg_int(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
-    return v
-
-
 DESCRIPTION = ("Write the synthetic temporal-class video dataset (real video files, JPEG images and mmaction "
                "annotation lists).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/synth", help="output directory (default: data/synth)")
-    p.add_argument("--train", type=_nonneg_int, default=48, help="training clips (default: 48)")
-    p.add_argument("--val", type=_nonneg_int, default=24, help="validation clips (default: 24)")
-    p.add_argument("--images", type=_nonneg_int, default=64, help="images for the image stream (default: 64)")
-    p.add_argument("--frames", type=_pos_int, default=48, help="frames per clip (default: 48)")
+    p.add_argument("--train", type=int_at_least(0), default=48, help="training clips (default: 48)")
+    p.add_argument("--val", type=int_at_least(0), default=24, help="validation clips (default: 24)")
+    p.add_argument("--images", type=int_at_least(0), default=64, help="images for the image stream (default: 64)")
+    p.add_argument("--frames", type=int_at_least(1), default=48, help="frames per clip (default: 48)")
     p.add_argument("--size", type=_parse_size, default=(160, 128), help="frame size WxH (default: 160x128)")
-    p.add_argument("--fps", type=_pos_int, default=25, help="frame rate (default: 25)")
+    p.add_argument("--fps", type=int_at_least(1), default=25, help="frame rate (default: 25)")
     p.add_argument("--codec", choices=sorted(CODECS), default="h264",
                    help="h264 (.mp4, libx264) or vp9 (.webm; readable by DALI's CPU decoder) (default: h264)")
     p.add_argument("--classes", default=None, help=f"comma-separated subset of: {','.join(CLASSES)}")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--workers", type=_nonneg_int, default=None, help="processes (default: cores, at most 8)")
+    p.add_argument("--workers", type=int_at_least(0), default=None, help="processes (default: cores, at most 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset previously written to --out (its files only: other files there, "
                         "such as a tokenizer trained by bevt pretrain, are kept)")

@@ -8,18 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= ``minimum`` (argparse names the option in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
+from bevt.cli import int_at_least
 
 
 def _positive_float(text: str) -> float:
@@ -54,12 +43,12 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of that recipe, e.g. --set data.root=/data/k400")
     p.add_argument("--out", required=True, help="tokenizer file to write (.safetensors)")
-    p.add_argument("--vocab-size", type=_int_at_least(2), default=None,
+    p.add_argument("--vocab-size", type=int_at_least(2), default=None,
                    help="codebook size, >= 2 (default: tokenizer.vocab_size)")
-    p.add_argument("--steps", type=_int_at_least(1), default=None,
+    p.add_argument("--steps", type=int_at_least(1), default=None,
                    help="training steps (default: tokenizer.train_steps)")
-    p.add_argument("--frames", type=_int_at_least(1), default=4096, help="frames to collect from the dataset")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--frames", type=int_at_least(1), default=4096, help="frames to collect from the dataset")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--lr", type=_positive_float, default=2e-3)
     p.add_argument("--device", type=_device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -219,6 +219,10 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+# the key of a checkpoint's config that records the files the run depends on, beside its settings
+FINGERPRINTS = "fingerprints"
+
+
 def checkpoint_config(path: str) -> dict | None:
     """The config saved with a bevt checkpoint (folder or its model.safetensors), or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -227,6 +231,15 @@ def checkpoint_config(path: str) -> dict | None:
         with open(cfg_path) as f:
             return json.load(f)
     return None
+
+
+def readable_checkpoint_config(path: str) -> dict | None:
+    """:func:`checkpoint_config`, or None when its config.json cannot be read either (for checks that the
+    weights' loading reports better)."""
+    try:
+        return checkpoint_config(path)
+    except (OSError, ValueError):
+        return None
 
 
 def load_trainer_state(ckpt_dir: str) -> dict:
@@ -272,10 +285,7 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
     """Load a checkpoint's weights into the model of the run that resumes it; when they do not fit, a
     ValueError that names the settings that differ between the checkpoint's run and this one (its
     ``config.json``) and the tensors that do not fit, instead of torch's page of key names."""
-    try:
-        saved = checkpoint_config(ckpt_dir)
-    except (OSError, ValueError):  # an unreadable config.json: the tensors still say what does not fit
-        saved = None
+    saved = readable_checkpoint_config(ckpt_dir)  # unreadable: the tensors still say what does not fit
     if saved and _job_kind(saved) != _job_kind(run_config):
         raise ValueError(f"--resume {ckpt_dir}: it is a {_job_kind(saved)} checkpoint, and this is a "
                          f"{_job_kind(run_config)} run; --resume continues the same run exactly. To start a "
@@ -310,14 +320,11 @@ def load_resumed_weights(model: torch.nn.Module, ckpt_dir: str, run_config: dict
 def changed_settings(ckpt_dir: str, run_config: dict, limit: int = 8) -> list[str]:
     """``"key: old there, new here"`` for the settings of this run that differ from the checkpoint's run
     (not ``run.out_dir``, nor the recorded file fingerprints); empty when its config cannot be read."""
-    try:
-        saved = checkpoint_config(ckpt_dir)
-    except (OSError, ValueError):
-        return []
+    saved = readable_checkpoint_config(ckpt_dir)
     if not saved:
         return []
     diffs = [f"{k}: {a!r} there, {b!r} here" for k, (a, b) in _config_differences(saved, run_config).items()
-             if k != "run.out_dir" and not k.startswith("fingerprints")]
+             if k != "run.out_dir" and not k.startswith(FINGERPRINTS)]
     return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
 

@@ -102,10 +102,6 @@ def tokenizer_path(cfg: PretrainConfig) -> str:
     return data_path(cfg.data.root, "vq_tokenizer.safetensors")
 
 
-# the key of a checkpoint's config that records the files the run depends on, beside its settings
-FINGERPRINTS = "fingerprints"
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -149,11 +145,8 @@ def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo, 
 
 def resumed_tokenizer_sha256(resume_dir: str) -> str | None:
     """The sha256 of the tokenizer file recorded in a pretraining checkpoint (None: an older checkpoint)."""
-    try:
-        saved = ckpt.checkpoint_config(resume_dir) or {}
-    except (OSError, ValueError):
-        return None  # the weights' check reports an unreadable checkpoint
-    return saved.get(FINGERPRINTS, {}).get("tokenizer_sha256")
+    saved = ckpt.readable_checkpoint_config(resume_dir) or {}  # unreadable: the weights' check reports it
+    return saved.get(ckpt.FINGERPRINTS, {}).get("tokenizer_sha256")
 
 
 def tokenizer_frames(cfg: PretrainConfig, max_frames: int = 4096) -> torch.Tensor:
@@ -446,7 +439,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
         trainer = Trainer(model=train_model, compute=step, loaders=loaders,
                           main_loader=main, optimizer=optimizer, schedule=schedule, cfg=loop_cfg, device=device,
                           dist=dist, run_dir=run_dir,
-                          config_dict=dict(to_dict(cfg), **{FINGERPRINTS: {"tokenizer_sha256": tokenizer_sha}}))
+                          config_dict=dict(to_dict(cfg), **{ckpt.FINGERPRINTS: {"tokenizer_sha256": tokenizer_sha}}))
         trainer.resume_as_asked(resume)
         if dist.is_main:  # after the resume checks: a refused resume leaves the run's config.json as it was
             os.makedirs(run_dir, exist_ok=True)
