@@ -129,6 +129,9 @@ def test_class_subset_and_bad_arguments(tmp_path):
         synth.generate(tmp_path / "y", size=(63, 48))
     with pytest.raises(ValueError, match="codec"):
         synth.generate(tmp_path / "z", codec="av1")
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        synth.generate(tmp_path / "w", seed=-5)
+    assert not (tmp_path / "w").exists()  # refused before the folder is made
 
 
 def test_cli(tmp_path, capsys):
@@ -151,6 +154,13 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         synth.main(["--size", "160by128"])
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    # the options' own checks name the option, before any folder is made
+    for option, value, why in (("--seed", "-5", ">= 0"), ("--frames", "1", ">= 2")):
+        with pytest.raises(SystemExit):
+            synth.main(["--out", str(tmp_path / "never"), option, value])
+        err = capsys.readouterr().err
+        assert f"argument {option}: expected an integer {why}" in err, err
+    assert not (tmp_path / "never").exists()
 
 
 def test_ensure_reuses_matching_dataset(tmp_path):

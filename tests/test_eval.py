@@ -213,6 +213,38 @@ def test_analyze_temporal_end_to_end(finetuned, tmp_path, capsys):
         assert json.load(f)["results"]["normal"]["top1"] == tem["normal"]["top1"]
 
 
+def test_default_out_folders_keep_earlier_results(finetuned, tmp_path, capsys):
+    """Each list and view setting of a checkpoint gets its own default folder; an evaluation never replaces an
+    earlier one's results unless --overwrite, which also removes that evaluation's plot."""
+    from bevt.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finetuned, run)
+    step = sorted(os.listdir(run / "checkpoints"))[-1]
+    val = run / "eval" / step / "val_val"
+    assert main(["eval", "--checkpoint", str(run), "--views", "val"]) == 0
+    assert (val / "results.json").exists() and (val / "per_class.png").exists()
+    capsys.readouterr()
+    before = (val / "results.json").read_bytes()
+    # the same evaluation again: refused before any work, the earlier results untouched
+    assert main(["eval", "--checkpoint", str(run), "--views", "val", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of an earlier evaluation" in err and "--overwrite" in err, err
+    assert (val / "results.json").read_bytes() == before and (val / "per_class.png").exists()
+    # --overwrite replaces them; without a plot this time, the earlier plot goes too
+    assert main(["eval", "--checkpoint", str(run), "--views", "val", "--no-plot", "--overwrite"]) == 0
+    assert (val / "results.json").exists() and not (val / "per_class.png").exists()
+    # other views: a folder of their own
+    assert main(["eval", "--checkpoint", str(run), "--views", "test", "--no-plot"]) == 0
+    assert (run / "eval" / step / "val_test" / "results.json").exists()
+    # analyze temporal follows the same rule with its temporal.json
+    t = ["analyze", "temporal", "--checkpoint", str(run), "--views", "val"]
+    assert main(t) == 0 and (run / "temporal" / step / "val_val" / "temporal.json").exists()
+    capsys.readouterr()
+    assert main(t) == 2 and "temporal.json" in capsys.readouterr().err
+    assert main(t + ["--overwrite"]) == 0
+
+
 def test_eval_ddp_two_processes_match_one(finetuned, synth_dataset, tmp_path):
     """7 videos over 2 gloo processes: the padded repeat is counted once; the same numbers as one process."""
     from bevt.cli import main

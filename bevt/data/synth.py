@@ -388,7 +388,7 @@ def generate(root: str | os.PathLike, *, num_train: int = 48, num_val: int = 24,
         raise ValueError(f"size must be even and at least 16x16, got {w}x{h}")
     if num_frames < 2:
         raise ValueError(f"num_frames must be >= 2, got {num_frames}")
-    for name, n in (("num_train", num_train), ("num_val", num_val), ("num_images", num_images)):
+    for name, n in (("num_train", num_train), ("num_val", num_val), ("num_images", num_images), ("seed", seed)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     if workers is None:
@@ -469,13 +469,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=int_at_least(0), default=48, help="training clips (default: 48)")
     p.add_argument("--val", type=int_at_least(0), default=24, help="validation clips (default: 24)")
     p.add_argument("--images", type=int_at_least(0), default=64, help="images for the image stream (default: 64)")
-    p.add_argument("--frames", type=int_at_least(1), default=48, help="frames per clip (default: 48)")
+    p.add_argument("--frames", type=int_at_least(2), default=48, help="frames per clip (default: 48)")
     p.add_argument("--size", type=_parse_size, default=(160, 128), help="frame size WxH (default: 160x128)")
     p.add_argument("--fps", type=int_at_least(1), default=25, help="frame rate (default: 25)")
     p.add_argument("--codec", choices=sorted(CODECS), default="h264",
                    help="h264 (.mp4, libx264) or vp9 (.webm; readable by DALI's CPU decoder) (default: h264)")
     p.add_argument("--classes", default=None, help=f"comma-separated subset of: {','.join(CLASSES)}")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default: 0)")
     p.add_argument("--workers", type=int_at_least(0), default=None, help="processes (default: cores, at most 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset previously written to --out (its files only: other files there, "

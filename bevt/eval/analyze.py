@@ -89,16 +89,17 @@ def drops(results: dict) -> dict:
 
 
 def temporal_analysis(checkpoint: str, cfg=None, *, list_path: str | None = None, views: str = "test",
-                      seed: int = 0, weights: str = "auto", out_dir: str | None = None, quiet: bool = False) -> dict:
+                      seed: int = 0, weights: str = "auto", out_dir: str | None = None, overwrite: bool = False,
+                      quiet: bool = False) -> dict:
     """Top-1 on normal, single-frame and shuffled clips, and the drops (paper Table 2).
 
     Returns :func:`bevt.eval.evaluate.evaluate`'s dict plus ``temporal`` (input -> top1 and drop) and
-    ``seed``; writes ``temporal.json`` to ``out_dir`` when given.
+    ``seed``; writes ``temporal.json`` to ``out_dir`` when given (an earlier one there only if ``overwrite``).
     """
     from bevt.eval.evaluate import check_output_folder, evaluate
 
     if out_dir:
-        check_output_folder(out_dir)
+        check_output_folder(out_dir, "temporal.json", overwrite)
     out = evaluate(checkpoint, cfg, list_path=list_path, views=views, transforms=temporal_transforms(seed),
                    weights=weights, out_dir=None, plot=False, quiet=True)
     out["temporal"] = drops(out["results"])
@@ -157,13 +158,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from bevt.eval.evaluate import config_for, default_out_dir
+    from bevt.eval.evaluate import config_for, default_out_dir, resolve_list
 
     try:
         cfg = config_for(args.checkpoint, args.recipe, args.overrides)
-        out_dir = args.out or default_out_dir(args.checkpoint, "temporal")
+        out_dir = args.out or default_out_dir(args.checkpoint, "temporal", resolve_list(cfg, args.list), args.views)
         temporal_analysis(args.checkpoint, cfg, list_path=args.list, views=args.views, seed=args.seed,
-                          weights=args.weights, out_dir=out_dir)
+                          weights=args.weights, out_dir=out_dir, overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"bevt analyze temporal: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -279,9 +280,10 @@ def describe_views(cfg, views: str) -> str:
 # The whole evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def check_output_folder(out_dir: str) -> None:
+def check_output_folder(out_dir: str, result_file: str = "results.json", overwrite: bool = False) -> None:
     """Before an evaluation runs (minutes to hours): ``--out`` must name a folder that can be created or
-    written, so that the results are not lost at the end."""
+    written, so that the results are not lost at the end, and must not hold an earlier evaluation's
+    ``result_file`` unless ``overwrite``: a second evaluation would replace it without a word."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out {out_dir}: is a file, not a folder (the results go into a folder)")
     parent = os.path.abspath(out_dir)
@@ -291,11 +293,16 @@ def check_output_folder(out_dir: str) -> None:
         raise ConfigError(f"--out {out_dir}: {parent} is a file, so the folder cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out_dir}: cannot write into {parent} (permission denied)")
+    earlier = os.path.join(out_dir, result_file)
+    if os.path.exists(earlier) and not overwrite:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(earlier)))
+        raise ConfigError(f"--out {out_dir}: holds the results of an earlier evaluation ({result_file}, written "
+                          f"{when}); pass --overwrite to replace them, or --out to write these elsewhere")
 
 
 def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: str = "test",
              transforms: dict[str, ClipTransform | None] | None = None, weights: str = "auto",
-             out_dir: str | None = None, plot: bool = True, quiet: bool = False) -> dict:
+             out_dir: str | None = None, overwrite: bool = False, plot: bool = True, quiet: bool = False) -> dict:
     """Evaluate a fine-tuned checkpoint on a list: multi-view top-1/top-5 and the confusion summary.
 
     Args:
@@ -307,6 +314,7 @@ def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: 
             the first entry is the main result.
         weights: ``auto``, ``ema`` or ``live`` (see :func:`load_classifier`).
         out_dir: where to write ``results.json`` and the plot (None: write nothing).
+        overwrite: replace an earlier evaluation's results in ``out_dir`` (else refused before any work).
         plot: write the per-class / confusion PNG (needs matplotlib).
         quiet: do not print the table.
 
@@ -320,7 +328,7 @@ def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: 
     if cfg is None:
         cfg = config_for(checkpoint)
     if out_dir:
-        check_output_folder(out_dir)
+        check_output_folder(out_dir, "results.json", overwrite)
     was_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loader = None
@@ -346,8 +354,11 @@ def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: 
                 with open(path, "w") as f:
                     json.dump(out, f, indent=1)
                 out["files"].append(path)
+                png = os.path.join(out_dir, "per_class.png")
+                if os.path.exists(png):  # an earlier evaluation's plot must not sit beside these results
+                    os.remove(png)
                 if plot:
-                    msg = plot_report(next(iter(results.values())), os.path.join(out_dir, "per_class.png"),
+                    msg = plot_report(next(iter(results.values())), png,
                                       title=f"{cfg.model.name} - {os.path.basename(lst)}")
                     if msg.endswith(".png"):
                         out["files"].append(msg)
@@ -455,17 +466,20 @@ def plot_report(report: dict, path: str, *, title: str = "") -> str:
     return path
 
 
-def default_out_dir(checkpoint: str, name: str = "eval") -> str:
-    """``<run>/<name>/<step folder>`` for a checkpoint inside a run, else ``<checkpoint>_<name>`` beside it."""
+def default_out_dir(checkpoint: str, name: str, list_path: str, views: str) -> str:
+    """``<run>/<name>/<step folder>/<list>_<views>`` for a checkpoint inside a run, else
+    ``<checkpoint>_<name>/<list>_<views>`` beside it: evaluations of one checkpoint on other lists or views
+    get folders of their own."""
     from bevt.train.checkpoint import resolve_checkpoint
 
     ck = os.path.abspath(resolve_checkpoint(checkpoint))
     folder = ck if os.path.isdir(ck) else os.path.dirname(ck)
     parent = os.path.dirname(folder)
+    what = f"{os.path.splitext(os.path.basename(list_path))[0]}_{views}"
     if os.path.basename(parent) == "checkpoints":
-        return os.path.join(os.path.dirname(parent), name, os.path.basename(folder))
+        return os.path.join(os.path.dirname(parent), name, os.path.basename(folder), what)
     stem = os.path.basename(ck) if os.path.isdir(ck) else os.path.splitext(os.path.basename(ck))[0]
-    return os.path.join(os.path.dirname(ck), f"{stem}_{name}")
+    return os.path.join(os.path.dirname(ck), f"{stem}_{name}", what)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,7 +499,10 @@ def add_common_arguments(p, out_name: str = "eval") -> None:
                    help="test: eval.test_clips x eval.test_crops views; val: 1 clip, centre crop (default: test)")
     p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="auto: EMA weights if the run kept them for evaluation; ema; live (default: auto)")
-    p.add_argument("--out", default=None, help=f"output folder (default: <run>/{out_name}/<checkpoint folder>)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: <run>/{out_name}/<checkpoint folder>/<list>_<views>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier evaluation in the output folder (default: refuse)")
 
 
 def add_arguments(p) -> None:
@@ -496,9 +513,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     try:
         cfg = config_for(args.checkpoint, args.recipe, args.overrides)
-        out_dir = args.out or default_out_dir(args.checkpoint, "eval")
+        out_dir = args.out or default_out_dir(args.checkpoint, "eval", resolve_list(cfg, args.list), args.views)
         evaluate(args.checkpoint, cfg, list_path=args.list, views=args.views, weights=args.weights, out_dir=out_dir,
-                 plot=not args.no_plot)
+                 overwrite=args.overwrite, plot=not args.no_plot)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"bevt eval: {e}", file=sys.stderr)
         return 2

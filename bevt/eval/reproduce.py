@@ -377,7 +377,8 @@ def reproduce(scale: str = "cpu", out_dir: str = "runs/reproduce", *, seed: int 
                 with open(os.path.join(out_dir, f"finetune_{m}.done.json")) as f:
                     ckpt = json.load(f)["checkpoint"]
                 ev_dir = os.path.join(out_dir, name)
-                out = temporal_analysis(ckpt, views="test", seed=seed, out_dir=ev_dir, quiet=True)
+                # a stage redone (stale or unfinished) replaces its own earlier results
+                out = temporal_analysis(ckpt, views="test", seed=seed, out_dir=ev_dir, overwrite=True, quiet=True)
                 normal = out["results"]["normal"]
                 plot_report(normal, os.path.join(ev_dir, "per_class.png"), title=f"{LABELS[m]} (scale {scale})")
                 return {"top1": normal["top1"], "top5": normal["top5"],
