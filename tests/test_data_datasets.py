@@ -34,6 +34,17 @@ def test_bad_annotation_lists(tmp_path, text, match):
         read_annotation_list(lst)
 
 
+def test_annotation_list_from_other_editors(tmp_path):
+    """A byte-order mark and CRLF line ends (Windows editors) and comment lines are read, not turned into a
+    first path that does not exist; a list in another encoding is an AnnotationError naming file and line."""
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("\ufeff# my clips\r\na/x.mp4 3\r\n  # b/y.mp4 1\r\nc/é z.mp4 0\r\n".encode("utf-8"))
+    assert read_annotation_list(lst, data_prefix="/data") == [Sample("/data/a/x.mp4", 3), Sample("/data/c/é z.mp4", 0)]
+    lst.write_bytes("a/x.mp4 3\nc/é z.mp4 0\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"list.txt:2: the annotation list is not UTF-8 text"):
+        read_annotation_list(lst)
+
+
 def test_missing_list(tmp_path):
     with pytest.raises(AnnotationError, match="not found"):
         read_annotation_list(tmp_path / "nope.txt")
@@ -51,6 +62,9 @@ def test_folder_mode(synth_dataset, tmp_path):
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(AnnotationError, match="no files"):
         scan_folder(tmp_path)
+    images = ImageDataset(synth_dataset.root / "images")  # an image folder finds images, not videos
+    assert len(images) == 16 and all(s.path.endswith(".jpg") for s in images.items)
+    assert sorted({s.label for s in images.items}) == [0, 1, 2]
 
 
 def test_video_pretrain_sample(synth_dataset):

@@ -97,11 +97,15 @@ def _broken(tmp_path, good, kind):
         path.write_bytes(data[: len(data) // 2])
     elif kind == "directory":
         path.mkdir()
+    elif kind == "unknown_codec":  # an mp4 whose codec tag FFmpeg does not know: a stream without a decoder
+        assert b"avc1" in data
+        path.write_bytes(data.replace(b"avc1", b"zzzz"))
     return path
 
 
 @pytest.mark.parametrize("kind,reason", [("missing", "not found"), ("empty", "empty"), ("garbage", "open"),
-                                         ("truncated", "open"), ("directory", "regular file")])
+                                         ("truncated", "open"), ("directory", "regular file"),
+                                         ("unknown_codec", "no decoder")])
 def test_broken_videos_raise_clear_errors(tmp_path, numbered_video, kind, reason):
     path = _broken(tmp_path, numbered_video, kind)
     with pytest.raises(VideoReadError, match=reason) as e:
@@ -120,6 +124,34 @@ def test_truncated_webm_is_detected(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(VideoReadError, match="truncated"):
         probe(cut)
+
+
+def test_a_failing_seek_is_a_read_error():
+    """A damaged index can make FFmpeg refuse the seek to the start (EPERM) on the decode-and-count path:
+    a VideoReadError (the file is skipped), not av's PermissionError ending the run."""
+    from bevt.data.video_io import _decode_count
+
+    class DamagedContainer:
+        def seek(self, offset):
+            raise av.error.PermissionError(1, "Operation not permitted")
+
+    with pytest.raises(VideoReadError, match="cannot seek to the first frame"):
+        _decode_count("v.mp4", DamagedContainer())
+
+
+def test_a_frame_size_change_is_a_read_error(tmp_path):
+    """Two MPEG-TS recordings of different sizes joined into one file: no clip of one size, so a
+    VideoReadError naming both sizes, not numpy's stacking error without the file's name."""
+    joined = tmp_path / "joined.ts"
+    for i, (h, w) in enumerate([(48, 64), (64, 96)]):
+        part = tmp_path / f"part{i}.ts"
+        write_video(part, np.full((16, h, w, 3), 40 * (i + 1), np.uint8))
+        with open(joined, "ab") as f:
+            f.write(part.read_bytes())
+    with VideoReader(joined) as r:
+        assert r.get([0, 1]).shape == (2, 48, 64, 3)  # frames of one size read as before
+        with pytest.raises(VideoReadError, match=r"frame size changes within the video \(64x48, 96x64\)"):
+            r.get(range(r.num_frames))
 
 
 def test_cache_follows_file_changes(tmp_path, numbered_video):
@@ -149,3 +181,27 @@ def test_read_image(tmp_path):
                          ("missing.jpg", "not found")]:
         with pytest.raises(ImageReadError, match=reason):
             read_image(tmp_path / name)
+
+
+def test_read_image_16_bit_float_and_oversized(tmp_path, monkeypatch):
+    """16-bit grey is scaled to 8 bits (PIL's convert clips it to nearly white); floating-point pixels and
+    images over PIL's pixel limit are ImageReadErrors (skipped), not a clipped image or a crash."""
+    from PIL import Image
+
+    grey16 = np.random.default_rng(0).integers(0, 65536, (20, 30), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    got = read_image(tmp_path / "grey16.png")
+    assert got.shape == (20, 30, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[..., 0], np.round(grey16 / 257).astype(np.uint8))
+    assert (got == got[..., :1]).all()
+    Image.fromarray(grey16.astype(np.float32) / 65535).save(tmp_path / "float.tif")
+    with pytest.raises(ImageReadError, match="floating-point"):
+        read_image(tmp_path / "float.tif")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL raises DecompressionBombError over 2x the limit
+    with pytest.raises(ImageReadError, match="too large to decode"):
+        read_image(tmp_path / "big.png")
+    from bevt.data.dali import _probe_image  # the GPU loader's up-front check of every image (no DALI needed)
+
+    with pytest.raises(ImageReadError, match="too large to decode"):
+        _probe_image(str(tmp_path / "big.png"))

@@ -164,6 +164,8 @@ def _probe_image(path: str) -> tuple[int, int]:
         raise ImageReadError(path, "file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format") from None
+    except Image.DecompressionBombError as e:  # not an OSError: as read_image, a skip rather than a crash
+        raise ImageReadError(path, f"too large to decode: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(path, f"{type(e).__name__}: {e}") from None
     return int(h), int(w)

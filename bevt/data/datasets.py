@@ -28,6 +28,7 @@ instead, deterministically, so the batch keeps its size.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import warnings
 from dataclasses import dataclass
@@ -92,35 +93,47 @@ class Sample:
 # Annotation lists and folders
 # ----------------------------------------------------------------------------------------------------
 
+def _text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file. A byte-order mark (Windows editors write one) is dropped: kept, it would
+    become part of the first path, and that sample would be skipped as missing. Another encoding is an
+    AnnotationError naming the file and line, not a bare UnicodeDecodeError."""
+    data = path.read_bytes()
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        lineno = data[:e.start].count(b"\n") + 1
+        raise AnnotationError(f"{path}:{lineno}: the {what} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+
+
 def read_annotation_list(path: str | os.PathLike, data_prefix: str | os.PathLike | None = None) -> list[Sample]:
     """Read an mmaction list: one ``relative/path label`` per line -> samples with joined paths.
 
-    ``data_prefix`` is joined in front of every path (default: the list's own directory). Blank lines are
-    skipped; the label is the last whitespace-separated field, so paths may contain spaces. Raises
-    :class:`AnnotationError` for a missing or empty list, a line without a label, or a label that is not
-    a non-negative integer (with the file and line number).
+    ``data_prefix`` is joined in front of every path (default: the list's own directory). Blank lines and
+    lines starting with ``#`` are skipped; the label is the last whitespace-separated field, so paths may
+    contain spaces. Raises :class:`AnnotationError` for a missing, empty or non-UTF-8 list, a line without
+    a label, or a label that is not a non-negative integer (with the file and line number).
     """
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"annotation list not found: {path}")
     prefix = Path(data_prefix) if data_prefix is not None else path.parent
     items: list[Sample] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise AnnotationError(f"{path}:{lineno}: expected 'relative/path label', got {line!r} (no label)")
-            rel, label = parts
-            try:
-                label_i = int(label)
-            except ValueError:
-                raise AnnotationError(f"{path}:{lineno}: the label must be an integer, got {label!r}") from None
-            if label_i < 0:
-                raise AnnotationError(f"{path}:{lineno}: the label must be >= 0, got {label_i}")
-            items.append(Sample(str(prefix / rel), label_i))
+    for lineno, line in enumerate(_text_lines(path, "annotation list"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise AnnotationError(f"{path}:{lineno}: expected 'relative/path label', got {line!r} (no label)")
+        rel, label = parts
+        try:
+            label_i = int(label)
+        except ValueError:
+            raise AnnotationError(f"{path}:{lineno}: the label must be an integer, got {label!r}") from None
+        if label_i < 0:
+            raise AnnotationError(f"{path}:{lineno}: the label must be >= 0, got {label_i}")
+        items.append(Sample(str(prefix / rel), label_i))
     if not items:
         raise AnnotationError(f"annotation list {path} has no entries")
     return items
@@ -157,16 +170,16 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"class-name file not found: {path}")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in _text_lines(path, "class-name file") if line.strip()]
     if not names:
         raise AnnotationError(f"class-name file {path} is empty")
     return names
 
 
-def _as_items(items) -> list[Sample]:
+def _as_items(items, extensions) -> list[Sample]:
     if isinstance(items, (str, os.PathLike)):
         p = Path(items)
-        return scan_folder(p)[0] if p.is_dir() else read_annotation_list(p)
+        return scan_folder(p, extensions)[0] if p.is_dir() else read_annotation_list(p)
     items = [it if isinstance(it, Sample) else Sample(str(it[0]), int(it[1])) for it in items]
     if not items:
         raise AnnotationError("the dataset has no samples")
@@ -180,10 +193,12 @@ def _as_items(items) -> list[Sample]:
 class _SkippingDataset(torch.utils.data.Dataset):
     """Keys, per-sample RNG and the skip-and-substitute logic shared by the video and image datasets."""
 
+    extensions: tuple[str, ...] = ()  # the files that count in folder mode
+
     def __init__(self, items, *, mode: str, seed: int, max_skips: int):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        self.items = _as_items(items)
+        self.items = _as_items(items, self.extensions)
         self.mode = mode
         self.seed = int(seed)
         self.max_skips = int(max_skips)
@@ -272,6 +287,8 @@ class VideoClipDataset(_SkippingDataset):
         seed: the dataset seed (see the module docstring).
         max_skips: how many unreadable files in a row are tolerated before giving up.
     """
+
+    extensions = VIDEO_EXTENSIONS
 
     def __init__(self, items, mode: str = "pretrain", *, clip_len: int = 16, interval: int = 8,
                  num_segments: int | None = None, num_clips: int = 1, scale: tuple[int, int] = (256, 320),
@@ -363,6 +380,8 @@ class ImageDataset(_SkippingDataset):
     Fine-tuning: RandomResizedCrop -> resize -> flip. Test: resize short side -> centre crop.
     ``jitter=None`` disables colour jitter.
     """
+
+    extensions = IMAGE_EXTENSIONS  # a folder of images (ImageNet's train/<class>/*.JPEG layout)
 
     def __init__(self, items, mode: str = "pretrain", *, scale: tuple[int, int] = (256, 320), crop: int = 224,
                  tok_size: int = 112, jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.0),

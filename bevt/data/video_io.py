@@ -111,6 +111,9 @@ def _open(path: str):
     if not container.streams.video:
         container.close()
         raise VideoReadError(path, "no video stream")
+    if container.streams.video[0].codec_context is None:  # a codec id FFmpeg has no decoder for (or garbage)
+        container.close()
+        raise VideoReadError(path, "no decoder for the codec of its video stream (unknown or corrupt codec id)")
     return container
 
 
@@ -196,7 +199,10 @@ def _check_complete(path: str, container, stream, num_frames: int, n_discard: in
 
 
 def _decode_count(path: str, container) -> int:
-    container.seek(0)
+    try:
+        container.seek(0)
+    except Exception as e:  # a damaged index can make the seek itself fail (FFmpeg then reports EPERM)
+        raise VideoReadError(path, f"cannot seek to the first frame, damaged file ({type(e).__name__}: {e})") from None
     n = 0
     try:
         for _ in container.decode(video=0):
@@ -302,6 +308,10 @@ class VideoReader:
             frames = self._decode_by_pts(wanted)
         if frames is None:
             frames = self._decode_sequential(wanted)
+        sizes = sorted({f.shape[:2] for f in frames.values()})
+        if len(sizes) > 1:  # a stream whose resolution changes (concatenated recordings): no clip of one size
+            raise VideoReadError(self.path, "the frame size changes within the video ("
+                                            + ", ".join(f"{w}x{h}" for h, w in sizes) + ")")
         return np.stack([frames[i] for i in idx_T.tolist()])
 
     def _decode_by_pts(self, wanted: list[int]) -> dict[int, np.ndarray] | None:
@@ -388,9 +398,10 @@ def read_frames(path: str | os.PathLike, indices) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB (grey, palette and RGBA images are converted).
+    """An image file -> uint8 (H, W, 3) RGB (grey, 16-bit grey, palette and RGBA images are converted).
 
-    Raises :class:`ImageReadError` for a missing, empty, truncated or corrupt file.
+    Raises :class:`ImageReadError` for a missing, empty, truncated, corrupt or oversized file (more pixels
+    than ``PIL.Image.MAX_IMAGE_PIXELS``), or floating-point pixels.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -400,6 +411,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise ImageReadError(path, "empty file (0 bytes)")
         with Image.open(path) as img:
             img.load()  # PIL decodes lazily: force it here so a truncated file fails now
+            if img.mode == "F":  # no agreed range (0..1? 0..255?) to map to 8 bits; convert() would clip
+                raise ImageReadError(path, "floating-point pixels (PIL mode F) are not supported")
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                # 16-bit grey (PNG, TIFF): convert("RGB") clips every value above 255, which turns the image
+                # nearly white; scale the 16-bit range to 8 bits instead
+                grey = np.clip(np.round(np.asarray(img, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
             rgb = img.convert("RGB")
     except ImageReadError:
         raise
@@ -407,6 +425,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, "file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would end the run instead of a skip
+        raise ImageReadError(path, f"too large to decode: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for truncated / broken data
         raise ImageReadError(path, f"{type(e).__name__}: {e}") from None
     return np.asarray(rgb, dtype=np.uint8).copy()
