@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 KERNEL_CHOICES = ("auto", "ref", "triton", "cuda")
+# frames are resized to the short side before cropping: a 32-frame clip at 2048 px already takes ~0.7 GB
+MAX_SHORT_SIDE = 2048
+# decoding processes per loader and training process: more is a typo (each one is a forked Python with torch)
+MAX_WORKERS = 256
 
 
 class ConfigError(ValueError):
@@ -46,7 +51,7 @@ class ModelConfig:
     """Recompute each Swin block in the backward pass (both streams)."""
     init_from: str = ""
     """Checkpoint to initialise the backbone from: a weights file, a bevt checkpoint folder or run folder (its
-    latest checkpoint); an image checkpoint is inflated to 3D."""
+    latest checkpoint); an image checkpoint (a 2D Swin, or bevt's BEVT-I run) is inflated to 3D."""
 
     def __post_init__(self):
         from bevt.models.bevt import MODES
@@ -112,14 +117,17 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.clip_len >= 1 and self.frame_interval >= 1, "data.clip_len and data.frame_interval must be >= 1")
-        _check(self.crop_size % 32 == 0, f"data.crop_size must be a multiple of 32 (4 stages of 2x merging after "
-                                         f"the 4x patch), got {self.crop_size}")
+        _check(self.crop_size >= 32 and self.crop_size % 32 == 0, f"data.crop_size must be a positive multiple of 32 "
+               f"(4 stages of 2x merging after the 4x patch), got {self.crop_size}")
         lo, hi = self.scale_range
         _check(self.crop_size <= lo <= hi, f"data.scale_range {self.scale_range} must satisfy crop_size <= lo <= hi")
+        _check(hi <= MAX_SHORT_SIDE, f"data.scale_range must stay <= {MAX_SHORT_SIDE}, got {self.scale_range} (frames "
+                                     f"are resized to it before cropping)")
         _check(self.tok_size * 2 == self.crop_size, f"data.tok_size must be crop_size / 2 (an 8x tokenizer then gives "
                                                     f"the stage-3 grid), got {self.tok_size} for crop {self.crop_size}")
         _check(self.video_batch >= 0 and self.image_batch >= 0, "data batch sizes must be >= 0")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(0 <= self.num_workers <= MAX_WORKERS,
+               f"data.num_workers must be in [0, {MAX_WORKERS}], got {self.num_workers}")
         _check(self.decoder in ("auto", "pyav", "dali"), f"data.decoder must be auto, pyav or dali, got {self.decoder!r}")
 
 
@@ -342,8 +350,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _parse_literal(text: str, tp: Any) -> Any:
-    if tp is str:
-        return text
+    if tp is str:  # as the key: "run.out_dir = runs/x" means "runs/x", not a folder whose name starts with a space
+        return text.strip()
     low = text.strip().lower()
     if tp is bool:
         if low in ("true", "1", "yes", "on"):
@@ -407,7 +415,10 @@ def apply_overrides(cfg, overrides: list[str]):
             hints = _field_types(cls)
             if part not in hints:
                 where = ".".join(path[:i]) or "the config"
-                raise ConfigError(f"override {key!r}: {where} has no field {part!r}; fields: {', '.join(sorted(hints))}")
+                close = difflib.get_close_matches(part, hints, n=1)
+                hint = f"; did you mean {'.'.join(path[:i] + close)}?" if close else ""
+                raise ConfigError(f"override {key!r}: {where} has no field {part!r}{hint} (fields: "
+                                  f"{', '.join(sorted(hints))})")
             tp = hints[part]
             if i < len(path) - 1:
                 if not dataclasses.is_dataclass(tp):

@@ -74,9 +74,20 @@ def _kernel_defaults() -> dict[str, str]:
 def _caps(c) -> dict:
     if c is None:
         return {}
-    return {"devices": list(c.devices), "dtypes": [str(d).replace("torch.", "") for d in c.dtypes],
+    return {"devices": list(c.devices), "dtypes": [_plain(d) for d in c.dtypes],
             "min_cc": ".".join(map(str, c.min_compute_capability)) if c.min_compute_capability else None,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in c.extra.items()}}
+            **{k: _plain(v) for k, v in c.extra.items()}}
+
+
+def _plain(v):
+    """A capability value as JSON data (``bevt info --json``): dtypes (also as dict keys) by name, tuples as lists."""
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {_plain(k): _plain(x) for k, x in v.items()}
+    return v
 
 
 def _dali_version() -> str:

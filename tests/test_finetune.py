@@ -408,6 +408,26 @@ def test_bad_input_errors(synth_dataset, tiny_finetune, tmp_path, capsys):
     assert re.search(r"checkpoint not found: /no/such", capsys.readouterr().err)
 
 
+def test_overrides_suggest_the_field_strip_text_and_bound_sizes():
+    """A mistyped field gets the closest one; a text value is taken without the spaces around it (as the key);
+    numbers that would fork thousands of decoders or resize frames past 2048 px are refused."""
+    from bevt.recipes import RECIPES as PRETRAIN
+    from bevt.train.finetune import build_config
+
+    with pytest.raises(ConfigError, match=r"optim has no field 'lrr'; did you mean optim.lr\?"):
+        build_config("default", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"the config has no field 'optm'; did you mean optim\?"):
+        PRETRAIN.build("default", ["optm.lr=1"])
+    cfg = build_config("default", [" run.out_dir = runs/x ", "model.init_from= runs/pre"])
+    assert cfg.run.out_dir == "runs/x" and cfg.model.init_from == "runs/pre" and not cfg.model.init_optional
+    for build, bad, msg in ((build_config, "data.num_workers=100000", r"data.num_workers must be in \[0, 256\]"),
+                            (PRETRAIN.build, "data.num_workers=100000", r"data.num_workers must be in \[0, 256\]"),
+                            (PRETRAIN.build, "data.scale_range=128,30000", "data.scale_range must stay <= 2048"),
+                            (PRETRAIN.build, "data.crop_size=0", "data.crop_size must be a positive multiple of 32")):
+        with pytest.raises(ConfigError, match=msg):
+            build("default", [bad])
+
+
 def test_a_failed_validation_keeps_the_epoch_and_a_refused_resume_keeps_the_config(synth_dataset, tiny_finetune,
                                                                                     tmp_path, capsys):
     """Unreadable validation videos fail the run after its first epoch; that epoch's checkpoint is written

@@ -4,6 +4,7 @@ import torch
 
 from bevt.models import create_bevt, create_model, list_models
 from bevt.models.inflate import adapt_state_dict
+from bevt.models.video_swin import VideoSwinTransformer
 from bevt.ops import BlockMaskSpec, TubeSpec, block_masks, tube_masks
 
 NANO = "videoswin_nano_patch244_window877"
@@ -176,3 +177,66 @@ def test_inflation_resizes_tables():
     assert t.shape == (31 * 169, 1) and torch.allclose(t, torch.full_like(t, 0.5))
     assert any("interpolated" in n for n in notes)
     dst.load_state_dict(sd, strict=False)
+
+
+def test_pretraining_from_a_bevt_i_checkpoint_inflates_its_image_stream(tmp_path):
+    """BEVT's joint pretraining from bevt's own image-only (BEVT-I) run starts as the official one from the image
+    stream's 2D Swin: every temporal offset of each position table is the trained dt = 0 slice (the others were
+    never trained), the 3D patch embedding the 2D one averaged over time; the dropped heads are listed."""
+    from bevt.models.inflate import load_pretrained
+    from bevt.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    src = create_bevt(NANO, mode="bevt_i", vocab_size=16)
+    with torch.no_grad():
+        for p in src.backbone.parameters():
+            p.normal_()
+    save_checkpoint(str(tmp_path / "bevt_i"), 1, model=src, trainer_state={},
+                    config={"model": {"name": NANO, "mode": "bevt_i"}}, keep_last=1)
+    dst = create_bevt(NANO, mode="bevt", vocab_size=16)
+    notes = load_pretrained(dst.backbone, str(tmp_path / "bevt_i"))
+    assert any("BEVT-I" in n for n in notes) and any("tiled" in n for n in notes), notes
+    assert any("not in this model (dropped): " in n and "lm_head.weight" in n for n in notes), notes
+    for name in ("layers.0.blocks.0", "layers.2.blocks.1"):
+        t_src = dict(src.backbone.named_parameters())[f"{name}.attn.relative_position_bias_table"].detach()
+        t_dst = dict(dst.backbone.named_parameters())[f"{name}.attn.relative_position_bias_table"].detach()
+        n2 = 13 * 13
+        for dt in range(15):
+            torch.testing.assert_close(t_dst.view(15, n2, -1)[dt], t_src.view(15, n2, -1)[7])
+    w2d = src.backbone.patch_embed_2d.proj.weight.detach()
+    torch.testing.assert_close(dst.backbone.patch_embed_2d.proj.weight.detach(), w2d)
+    torch.testing.assert_close(dst.backbone.patch_embed.proj.weight.detach(), w2d.unsqueeze(2).repeat(1, 1, 2, 1, 1) / 2)
+
+
+def test_init_checkpoint_notes_and_errors_name_the_tensors(tmp_path):
+    """Tensors a checkpoint has and the model has not are listed (dropped), tensors of another shape too; a
+    checkpoint of another model size fails with the shapes and the setting to change."""
+    from safetensors.torch import save_file
+
+    from bevt.models.inflate import load_pretrained
+
+    sd = {k: v.contiguous() for k, v in create_model(NANO).state_dict().items()}
+    save_file(dict(sd, **{"extra.weight": torch.zeros(3), "layers.0.blocks.0.norm1.weight": torch.ones(7)}),
+              str(tmp_path / "extra.safetensors"))
+    notes = load_pretrained(create_model(NANO), str(tmp_path / "extra.safetensors"))
+    assert any(n.startswith("1 checkpoint tensors not in this model (dropped): extra.weight") for n in notes), notes
+    assert any("another shape than the model's, not loaded: layers.0.blocks.0.norm1.weight (7,) -> model (32,)" in n
+               for n in notes), notes
+    wide = VideoSwinTransformer(embed_dim=64, depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16))
+    torch.save({"state_dict": {"backbone." + k: v for k, v in wide.state_dict().items()}}, tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"wide.pth: no tensor of this checkpoint matches the model \(embed dim 32.*"
+                                         r"patch_embed.proj.weight \(64, 3, 2, 4, 4\) -> model \(32, 3, 2, 4, 4\).*"
+                                         r"another model size\? Set model.name"):
+        load_pretrained(create_model(NANO), str(tmp_path / "wide.pth"))
+
+
+def test_info_json_is_json(capsys):
+    """`bevt info --json` prints every capability (dtypes too, also as keys) as JSON."""
+    import json
+
+    from bevt.cli import main
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    caps = info["ops"]["masked_ce"]["triton"]["capabilities"]
+    assert caps["weight_dtypes"] == ["float32", "float16", "bfloat16"] and "float32" in caps["tolerances"]["floor"]

@@ -135,7 +135,7 @@ def test_resume_into_another_model_or_world_size_is_a_clear_error(synth_dataset,
         pretrain(tiny(synth_dataset, tokenizer_file, run, "optim.max_steps=2"), resume="auto")
 
 
-def test_resume_with_another_tokenizer_is_a_clear_error(synth_dataset, tokenizer_file, tmp_path):
+def test_resume_with_another_tokenizer_is_a_clear_error(synth_dataset, tokenizer_file, tmp_path, capsys):
     """The checkpoint records its tokenizer's sha256: resuming against another file (or, with a default
     tokenizer that is trained when missing, against none) stops before any training instead of going on
     with other target ids."""
@@ -166,7 +166,8 @@ def test_resume_with_another_tokenizer_is_a_clear_error(synth_dataset, tokenizer
     # what the message offers: a new run from that run's weights (a run folder: its latest checkpoint)
     new = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "new", "optim.max_steps=1",
                         f"tokenizer.path={other}", f"model.init_from={run}"))
-    assert new["steps"] == 1, new
+    assert new["steps"] == 1 and new["init_from"].startswith(str(run / "checkpoints")), new
+    assert "initialised from" in capsys.readouterr().err  # the summary says where the weights came from
 
 
 @pytest.mark.parametrize("data_parallel,port", [("ddp", 29533), ("allreduce", 29534)])
@@ -215,12 +216,34 @@ def test_clear_errors(synth_dataset, tokenizer_file, tmp_path):
         build_config("default", ["optim.betas=1.5,0.9"])
     with pytest.raises(FileNotFoundError, match="dataset not found"):
         pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1", f"data.root={tmp_path / 'nothing'}"))
+    # a folder of the user's data: the missing list's setting is named, with no advice to write a synthetic set
+    with pytest.raises(FileNotFoundError) as e:
+        pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1b", "data.image_list=in1k_train.txt"))
+    assert "data.image_list=in1k_train.txt (" in str(e.value) and "does not exist; check the list setting" in \
+        str(e.value) and "bevt data synth" not in str(e.value), str(e.value)
+    # the image stream cycles, but it needs one batch: fewer images than a batch is a config error, not a
+    # StopIteration from inside the loop
+    with pytest.raises(ConfigError, match=r"the images dataset is too small: 0 batches .* lower data.image_batch"):
+        pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1c", "data.image_batch=1024"))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "train.txt").write_text("")
     (empty / "images.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r2", f"data.root={empty}"))
+    # a mistyped model.init_from: named before any dataset or tokenizer work (no tokenizer trained first)
+    untrained = tmp_path / "untrained.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"model.init_from: checkpoint not found: .*no_such_run"):
+        pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1e", f"model.init_from={tmp_path / 'no_such_run'}",
+                      f"tokenizer.path={untrained}", "tokenizer.train_if_missing=true"))
+    assert not untrained.exists()
+    # a tokenizer to train whose file could not be saved: refused before the training, not after it
+    a_file = tmp_path / "weights"
+    a_file.write_text("keep me")
+    with pytest.raises(ConfigError, match=r"saved at .*weights/vq\.safetensors, but .*weights is a file, not a "
+                                          r"folder: set tokenizer.path"):
+        pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r1d", f"tokenizer.path={a_file / 'vq.safetensors'}",
+                      "tokenizer.train_if_missing=true"))
     with pytest.raises(ConfigError, match="tokenizer.vocab_size=32"):
         pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "r3", "tokenizer.vocab_size=64"))
     with pytest.raises(FileNotFoundError, match="tokenizer"):

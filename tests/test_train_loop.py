@@ -207,3 +207,41 @@ def test_broadcast_from_rank0_gives_every_process_rank0s_weights(tmp_path):
     for k in r0:
         torch.testing.assert_close(r1[k], r0[k])
     assert r0["1.running_mean"].eq(1.0).all()
+
+
+def test_a_run_refused_after_taking_its_folder_leaves_no_folder_behind(tmp_path):
+    """The run folder's lock creates the folder (and its missing parents); a run that fails before writing
+    anything (a bad init checkpoint, a too-small dataset) removes what the lock created, and only that."""
+    from bevt.train.checkpoint import RunFolderLock
+
+    lock = RunFolderLock(str(tmp_path / "runs" / "a" / "b"))
+    lock.acquire(DistInfo())
+    assert (tmp_path / "runs" / "a" / "b" / RunFolderLock.NAME).exists()
+    lock.release()
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there before is kept, as is one the run wrote into
+    for run in (tmp_path / "kept", tmp_path / "written"):
+        lock = RunFolderLock(str(run))
+        lock.acquire(DistInfo())
+        if run.name == "written":
+            (run / "config.json").write_text("{}")
+        lock.release()
+        assert run.is_dir() and not (run / RunFolderLock.NAME).exists()
+
+
+def test_a_pth_that_holds_other_objects_is_refused_without_running_them(tmp_path):
+    """A .pth is read with weights_only: a pickled object (here one that would create a file when
+    unpickled) is never run, and the message names what the file holds."""
+    from bevt.train.checkpoint import read_model_weights
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "ran"),))
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": {"epoch": 3}}, tmp_path / "plain.pth")
+    assert set(read_model_weights(str(tmp_path / "plain.pth"))) == {"state_dict", "meta"}
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "evil": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"evil.pth cannot be read as a weights-only torch checkpoint .*it holds "
+                                         r"\w+.mkdir.*without running pickled code"):
+        read_model_weights(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "ran").exists()

@@ -184,12 +184,9 @@ def export_image_backbone(checkpoint: str, path: str) -> str:
     """
     from safetensors.torch import save_file
 
-    from bevt.models.inflate import unwrap_state_dict
+    from bevt.models.inflate import image_stream_as_2d, unwrap_state_dict
     from bevt.models.registry import model_config
-    from bevt.train.checkpoint import read_model_weights
-    from bevt.train.checkpoint import checkpoint_config
-    from bevt.train.checkpoint import resolve_checkpoint
-    from bevt.train.finetune import image_stream_as_2d
+    from bevt.train.checkpoint import checkpoint_config, read_model_weights, resolve_checkpoint
 
     ck = resolve_checkpoint(checkpoint)
     raw = read_model_weights(ck)

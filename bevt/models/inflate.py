@@ -9,6 +9,8 @@
   and tiled over all 2Wd-1 temporal offsets, so at initialisation every dt slice equals the 2D bias.
 * A 3D table of another window (e.g. 8x7x7 -> 16x7x7 for SSv2-style fine-tuning) is interpolated
   trilinearly ((15, 13, 13) -> (31, 13, 13)).
+* bevt's own image-only (BEVT-I) checkpoints are taken as the 2D Swin they stand for (``image_stream_as_2d``)
+  and inflated as above, for pretraining and fine-tuning alike.
 """
 from __future__ import annotations
 
@@ -138,36 +140,113 @@ def adapt_state_dict(ckpt: dict, model: VideoSwinTransformer, *, src_window: tup
     if n_resized:
         notes.append(f"interpolated {n_resized} 3D relative position tables to window {model.window_size}")
     # keep only what the model has; report mismatches instead of failing deep inside load_state_dict
-    final = {}
+    final, reshaped, unused = {}, [], []
     for k, v in out.items():
         if k not in target:
-            continue
-        if target[k].shape != v.shape:
-            notes.append(f"skipped {k}: shape {tuple(v.shape)} != model {tuple(target[k].shape)}")
-            continue
-        final[k] = v
+            unused.append(k)
+        elif target[k].shape != v.shape:
+            reshaped.append(f"{k} {tuple(v.shape)} -> model {tuple(target[k].shape)}")
+        else:
+            final[k] = v
+    if reshaped:
+        notes.append(f"{len(reshaped)} {_RESHAPED}, not loaded: {listing(reshaped, 3)}")
+    if unused:
+        notes.append(f"{len(unused)} checkpoint tensors not in this model (dropped): {listing(unused)}")
     return final, notes
+
+
+_RESHAPED = "checkpoint tensors of another shape than the model's"
+
+
+def listing(names: list[str], limit: int = 6) -> str:
+    """The first ``limit`` names, comma-separated, `` ...`` when there are more (for notes and errors)."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def image_stream_as_2d(sd: dict[str, torch.Tensor], src_window: tuple[int, int, int] | None,
+                       spatial: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+    """An image-only (BEVT-I) backbone state dict in the 2D Swin checkpoint format, or None if not image-only.
+
+    bevt's image stream stores 3D relative position tables of which only the dt = 0 slice is trained (the
+    image path reads it); the official image-stream checkpoint is a 2D Swin. Taking that slice and naming
+    the 2D patch embedding ``patch_embed`` lets the official inflation (2D kernel averaged over time, 2D
+    table tiled over every temporal offset) run on it.
+    """
+    if "patch_embed.proj.weight" in sd or "patch_embed_2d.proj.weight" not in sd:
+        return None
+    out = {}
+    n2 = (2 * spatial[0] - 1) * (2 * spatial[1] - 1)
+    for k, v in sd.items():
+        if k.startswith("patch_embed_2d."):
+            out["patch_embed." + k[len("patch_embed_2d."):]] = v
+        elif k.endswith("relative_position_bias_table") and v.shape[0] % n2 == 0 and v.shape[0] != n2:
+            d = (src_window[0] if src_window else (v.shape[0] // n2 + 1) // 2)
+            if (2 * d - 1) * n2 != v.shape[0]:
+                raise ValueError(f"{k}: {v.shape[0]} rows do not match a window of depth {d} x {spatial}")
+            out[k] = v.view(2 * d - 1, n2, -1)[d - 1]  # the dt = 0 slice
+        else:
+            out[k] = v
+    return out
+
+
+def checkpoint_for(model: VideoSwinTransformer, path: str, *, src_window=None
+                   ) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+    """Read the checkpoint at ``path`` (a weights file, a bevt checkpoint folder or run folder: its latest) and
+    adapt it to ``model``: (the file or folder read, the tensors that fit the model, notes of what was changed).
+
+    ``src_window``: the 3D window of its tables, else the one of the bevt config saved with it, else inferred. An
+    image-only (BEVT-I) checkpoint is inflated from its 2D patch embedding and dt = 0 tables.
+    """
+    from bevt.models.registry import model_config
+    from bevt.train.checkpoint import read_model_weights, readable_checkpoint_config, resolve_checkpoint
+
+    path = resolve_checkpoint(path)
+    sd = unwrap_state_dict(read_model_weights(path))
+    saved = readable_checkpoint_config(path)
+    name = saved.get("model", {}).get("name") if isinstance(saved, dict) else None
+    if src_window is None and name:
+        try:
+            src_window = tuple(model_config(name)["window_size"])
+        except ValueError:
+            src_window = None
+    notes = []
+    as_2d = image_stream_as_2d(sd, src_window, model.window_size[1:])
+    if as_2d is not None:
+        sd, src_window = as_2d, None  # the tables are 2D now
+        notes.append("image-only (BEVT-I) checkpoint: inflated its 2D patch embedding and dt=0 position tables")
+    if src_window is not None and tuple(src_window) == tuple(model.window_size):
+        src_window = None
+    adapted, more = adapt_state_dict(sd, model, src_window=src_window)
+    return path, adapted, notes + more
+
+
+def nothing_fits(path: str, model: VideoSwinTransformer, notes: list[str]) -> ValueError:
+    """The error for a checkpoint of which no backbone tensor fits ``model`` (``notes`` from
+    :func:`checkpoint_for`): tensors of the model's names in other shapes point to another model size."""
+    reshaped = [n for n in notes if _RESHAPED in n]
+    if reshaped:
+        return ValueError(f"{path}: no tensor of this checkpoint matches the model (embed dim {model.embed_dim}, "
+                          f"depths {list(model.depths)}): {reshaped[0]}; is it a checkpoint of another model size? "
+                          f"Set model.name to its size (bevt info --models)")
+    return ValueError(f"{path}: no tensor of this checkpoint matches the model (is it a Swin / BEVT checkpoint?)")
 
 
 def load_pretrained(model: VideoSwinTransformer, path: str, *, src_window=None, strict_backbone: bool = False
                     ) -> list[str]:
-    """Load a backbone checkpoint (bevt, official BEVT/Video Swin, or 2D Swin) into ``model``, adapting it.
-    ``path``: a weights file, a bevt checkpoint folder or a bevt run folder (its latest checkpoint).
+    """Load a backbone checkpoint (bevt, official BEVT/Video Swin, or 2D Swin) into ``model``, adapting it
+    (:func:`checkpoint_for`). ``path``: a weights file, a bevt checkpoint folder or a bevt run folder (its latest
+    checkpoint).
 
-    Returns notes (what was inflated, resized, missing, ignored). Raises FileNotFoundError / ValueError
+    Returns notes (what was inflated, resized, missing, dropped). Raises FileNotFoundError / ValueError
     with the reason for a missing or unusable file.
     """
-    from bevt.train.checkpoint import read_model_weights, resolve_checkpoint
-
-    ckpt = read_model_weights(resolve_checkpoint(path))
-    sd, notes = adapt_state_dict(ckpt, model, src_window=src_window)
+    path, sd, notes = checkpoint_for(model, path, src_window=src_window)
     if not sd:
-        raise ValueError(f"{path}: no tensor of this checkpoint matches the model (is it a Swin checkpoint?)")
+        raise nothing_fits(path, model, notes)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing:
-        notes.append(f"{len(missing)} model tensors not in the checkpoint (kept at init): "
-                     + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        notes.append(f"{len(missing)} model tensors not in the checkpoint (kept at init): {listing(missing)}")
         if strict_backbone:
             raise ValueError(f"{path}: missing backbone tensors: {missing}")
     return notes

@@ -128,6 +128,7 @@ class RunFolderLock:
         self.path = os.path.join(run_dir, self.NAME)
         self.owner = f"{socket.gethostname()} {os.getpid()}"
         self.held = False
+        self.made: list[str] = []  # the folders taking the lock created, deepest first
 
     def acquire(self, dist: DistInfo) -> None:
         problem = self._take() if dist.is_main else None
@@ -136,6 +137,11 @@ class RunFolderLock:
             raise ConfigError(problems[0])
 
     def _take(self) -> str | None:
+        folder = os.path.dirname(self.path) or "."
+        self.made = []
+        while folder and not os.path.exists(folder):
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(2):  # a second try after removing a stale lock
             try:
@@ -160,6 +166,11 @@ class RunFolderLock:
     def release(self) -> None:
         if self.held and _read_text(self.path) == self.owner:
             os.remove(self.path)
+            for folder in self.made:  # a run refused before writing anything leaves no empty folder behind
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty: the run wrote into it
+                    break
         self.held = False
 
 
@@ -254,7 +265,9 @@ def load_trainer_state(ckpt_dir: str) -> dict:
 def _reason(e: Exception) -> str:
     """The exception's type and the first line of its message (torch.load's messages run to a page)."""
     if "Weights only load failed" in str(e):  # torch's boilerplate would suggest weights_only=False
-        return f"{type(e).__name__}: not a torch file of tensors only"
+        m = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)|but got (<[^>]+>)", str(e))
+        what = f": it holds {m.group(1) or m.group(2)}" if m else ""
+        return f"{type(e).__name__}: not a torch file of tensors and plain data only{what}"
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
@@ -275,7 +288,8 @@ def read_model_weights(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"{path} cannot be read as a weights-only torch checkpoint ({_reason(e)}); bevt reads "
-                         f"bevt checkpoint folders, .safetensors files and .pt/.pth state dicts") from e
+                         f"bevt checkpoint folders, .safetensors files and .pt/.pth state dicts without running "
+                         f"pickled code (a file you trust can be re-saved with its tensors only)") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj

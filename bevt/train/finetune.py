@@ -22,8 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bevt.config import ConfigError, KernelsConfig, OptimConfig, Recipes, RunConfig, _check, save_json, to_dict
+from bevt.config import (MAX_SHORT_SIDE, MAX_WORKERS, ConfigError, KernelsConfig, OptimConfig, Recipes, RunConfig,
+                         _check, save_json, to_dict)
 from bevt.data.transforms import normalize
+from bevt.models import inflate as _inflate
 from bevt.train import checkpoint as ckpt
 from bevt.train.loop import AMP_DTYPES, StepContext
 
@@ -66,10 +68,6 @@ class FTModelConfig:
         pw = tuple(self.pretrained_window)
         _check(all(v == 0 for v in pw) or all(v > 0 for v in pw),
                f"model.pretrained_window must be all 0 (infer) or all positive, got {pw}")
-
-
-# frames are resized to the short side before cropping: a 32-frame clip at 2048 px already takes ~0.7 GB
-MAX_SHORT_SIDE = 2048
 
 
 @dataclass
@@ -128,7 +126,8 @@ class FTDataConfig:
         lo, hi = self.aspect_ratio_range
         _check(0 < lo <= hi, f"data.aspect_ratio_range must satisfy 0 < lo <= hi, got {self.aspect_ratio_range}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(0 <= self.num_workers <= MAX_WORKERS,
+               f"data.num_workers must be in [0, {MAX_WORKERS}], got {self.num_workers}")
         _check(self.decoder in ("auto", "pyav"), f"data.decoder must be auto or pyav, got {self.decoder!r}")
 
 
@@ -316,11 +315,10 @@ def ensure_data(cfg: FinetuneConfig, dist) -> None:
     from bevt.train.pretrain import data_path, ensure_lists
 
     d = cfg.data
-    needed = [data_path(d.root, d.train_list)]
+    needed = {f"data.train_list={d.train_list}": data_path(d.root, d.train_list)}
     if cfg.eval.val_every:
-        needed.append(data_path(d.root, d.val_list))
-    ensure_lists(d.root, needed, synthesize=d.synthesize_if_missing, seed=cfg.run.seed, dist=dist,
-                 hint="data.train_list / data.val_list")
+        needed[f"data.val_list={d.val_list}"] = data_path(d.root, d.val_list)
+    ensure_lists(d.root, needed, synthesize=d.synthesize_if_missing, seed=cfg.run.seed, dist=dist)
 
 
 _OPTIONAL_CLASS_NAMES = FTDataConfig.class_names  # the default file name, used when the dataset has it
@@ -361,71 +359,21 @@ def resolve_classes(cfg: FinetuneConfig, lists: list[str]) -> tuple[int, list[st
     return n, names
 
 
-def image_stream_as_2d(sd: dict[str, torch.Tensor], src_window: tuple[int, int, int] | None,
-                       spatial: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-    """An image-only (BEVT-I) backbone state dict in the 2D Swin checkpoint format, or None if not image-only.
-
-    bevt's image stream stores 3D relative position tables of which only the dt = 0 slice is trained (the
-    image path reads it); the official image-stream checkpoint is a 2D Swin. Taking that slice and naming
-    the 2D patch embedding ``patch_embed`` lets the official inflation (2D kernel averaged over time, 2D
-    table tiled over every temporal offset) run on it.
-    """
-    if "patch_embed.proj.weight" in sd or "patch_embed_2d.proj.weight" not in sd:
-        return None
-    out = {}
-    n2 = (2 * spatial[0] - 1) * (2 * spatial[1] - 1)
-    for k, v in sd.items():
-        if k.startswith("patch_embed_2d."):
-            out["patch_embed." + k[len("patch_embed_2d."):]] = v
-        elif k.endswith("relative_position_bias_table") and v.shape[0] % n2 == 0 and v.shape[0] != n2:
-            d = (src_window[0] if src_window else (v.shape[0] // n2 + 1) // 2)
-            if (2 * d - 1) * n2 != v.shape[0]:
-                raise ValueError(f"{k}: {v.shape[0]} rows do not match a window of depth {d} x {spatial}")
-            out[k] = v.view(2 * d - 1, n2, -1)[d - 1]  # the dt = 0 slice
-        else:
-            out[k] = v
-    return out
-
-
 def load_init(model, path: str, *, pretrained_window=(0, 0, 0)) -> list[str]:
     """Initialise a classifier from a pretraining / image / classifier checkpoint; returns notes.
 
     Raises FileNotFoundError for a missing file and ValueError when nothing of the checkpoint fits.
     """
-    from bevt.models.inflate import adapt_state_dict, unwrap_state_dict
-    from bevt.models.registry import model_config
-    from bevt.train.checkpoint import checkpoint_config, read_model_weights, resolve_checkpoint
-
-    path = resolve_checkpoint(path)
-    sd = unwrap_state_dict(read_model_weights(path))
     src_window = tuple(pretrained_window) if any(pretrained_window) else None
-    saved = checkpoint_config(path)
-    if src_window is None and saved and saved.get("model", {}).get("name"):
-        try:
-            src_window = tuple(model_config(saved["model"]["name"])["window_size"])
-        except ValueError:
-            src_window = None
-    notes = []
-    as_2d = image_stream_as_2d(sd, src_window, model.window_size[1:])
-    if as_2d is not None:
-        sd = as_2d
-        notes.append("image-only (BEVT-I) checkpoint: inflated its 2D patch embedding and dt=0 position tables")
-        src_window = None  # the tables are 2D now
-    if src_window == tuple(model.window_size):
-        src_window = None
-    adapted, more = adapt_state_dict(sd, model, src_window=src_window)
-    notes += more
-    backbone = [k for k in adapted if not k.startswith("head.")]
-    if not backbone:
-        raise ValueError(f"{path}: no tensor of this checkpoint matches the {type(model).__name__} backbone "
-                         f"(is it a Swin / BEVT checkpoint?)")
+    path, adapted, notes = _inflate.checkpoint_for(model, path, src_window=src_window)
+    if not [k for k in adapted if not k.startswith("head.")]:
+        raise _inflate.nothing_fits(path, model, notes)
     missing, _ = model.load_state_dict(adapted, strict=False)
     missing = [k for k in missing if not k.endswith("relative_position_index")]
     head_missing = [k for k in missing if k.startswith("head.")]
     rest = [k for k in missing if not k.startswith("head.")]
     if rest:
-        notes.append(f"{len(rest)} backbone tensors not in the checkpoint (kept at init): "
-                     + ", ".join(rest[:6]) + (" ..." if len(rest) > 6 else ""))
+        notes.append(f"{len(rest)} backbone tensors not in the checkpoint (kept at init): {_inflate.listing(rest)}")
     notes.append("classification head: " + ("new (random init)" if head_missing else "loaded from the checkpoint"))
     return notes
 

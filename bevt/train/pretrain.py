@@ -58,35 +58,55 @@ def data_path(root: str, name: str) -> str:
     return name if os.path.isabs(name) or not root else os.path.join(root, name)
 
 
+def unwritable_folder(folder: str) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), or None: checked before work whose
+    result would otherwise be lost when it is saved."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):  # the nearest folder that exists must take the new ones
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so the folder cannot be created"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write into {parent} (permission denied)"
+    return None
+
+
 def ensure_dataset(cfg: PretrainConfig, dist: DistInfo) -> None:
     """Check the annotation lists exist (or generate the built-in synthetic dataset when asked)."""
     d = cfg.data
-    needed = []
+    needed = {}
     if cfg.model.mode in ("bevt", "bevt_v"):
-        needed.append(data_path(d.root, d.video_list))
+        needed[f"data.video_list={d.video_list}"] = data_path(d.root, d.video_list)
     if cfg.model.mode in ("bevt", "bevt_i"):
-        needed.append(data_path(d.root, d.image_list))
-    ensure_lists(d.root, needed, synthesize=d.synthesize_if_missing, seed=cfg.run.seed, dist=dist,
-                 hint="data.video_list / data.image_list")
+        needed[f"data.image_list={d.image_list}"] = data_path(d.root, d.image_list)
+    ensure_lists(d.root, needed, synthesize=d.synthesize_if_missing, seed=cfg.run.seed, dist=dist)
 
 
-def ensure_lists(root: str, needed: list[str], *, synthesize: bool, seed: int, dist: DistInfo, hint: str) -> None:
-    """Raise FileNotFoundError naming the missing ``needed`` lists, or, with ``synthesize``, generate the
-    built-in synthetic dataset at ``root`` (rank 0; the others wait). ``hint`` names the list settings."""
-    missing = [p for p in needed if not os.path.exists(p)]
+def ensure_lists(root: str, needed: dict[str, str], *, synthesize: bool, seed: int, dist: DistInfo) -> None:
+    """Raise FileNotFoundError naming the missing lists of ``needed`` (setting -> path), or, with
+    ``synthesize``, generate the built-in synthetic dataset at ``root`` (rank 0; the others wait)."""
+    missing = {k: p for k, p in needed.items() if not os.path.exists(p)}
     if not missing:
         return
+    what = "; ".join(f"{k} ({p})" for k, p in missing.items())
+    user_data = bool(root) and os.path.isdir(root) and bool(os.listdir(root))
     if not synthesize:
-        fix = f"set data.root=DIR (and {hint})" if not root else \
-            f"check data.root={root!r}, or create the built-in dataset with: bevt data synth --out {root} " \
-            "(or add --set data.synthesize_if_missing=true)"
-        raise FileNotFoundError(f"dataset not found: {', '.join(missing)} does not exist; {fix}")
+        if not root:
+            fix = "set data.root=DIR, or give the lists as paths"
+        elif user_data:  # a folder of the user's data: the list setting is what is off, not the dataset
+            fix = f"check the list setting{'s' if len(missing) > 1 else ''} (relative to data.root={root!r})"
+        else:
+            fix = (f"check data.root={root!r}, or create the built-in dataset with: bevt data synth --out {root} "
+                   "(or add --set data.synthesize_if_missing=true)")
+        raise FileNotFoundError(f"dataset not found: {what} {'does' if len(missing) == 1 else 'do'} not exist; {fix}")
     if dist.is_main:
         from bevt.data import synth
 
-        if os.path.isdir(root) and os.listdir(root):
-            raise FileNotFoundError(f"{root} exists but has no {', '.join(os.path.basename(p) for p in missing)}; "
-                                    f"point data.root at an empty folder to generate the synthetic dataset there")
+        if user_data:
+            raise FileNotFoundError(f"{root} exists but has no {what}; point data.root at an empty folder to "
+                                    f"generate the synthetic dataset there")
         print(f"bevt: generating the built-in synthetic dataset in {root} ...", file=sys.stderr)
         synth.generate(root, seed=seed)
     barrier(dist)
@@ -127,6 +147,10 @@ def ensure_tokenizer(cfg: PretrainConfig, device: torch.device, dist: DistInfo, 
         if expected:
             raise ConfigError(f"--resume {resume_dir}: the tokenizer that run used is gone ({path} does not exist); "
                               f"training a new one would change the targets: put that file back{redo}")
+        problem = unwritable_folder(os.path.dirname(os.path.abspath(path)))
+        if problem:  # found before the training, not when its result is saved
+            raise ConfigError(f"the tokenizer would be trained and saved at {path}, but {problem}: set "
+                              f"tokenizer.path to a file in a folder you can write")
         if dist.is_main:
             train_tokenizer_on_dataset(cfg, path, device)
         barrier(dist)
@@ -395,6 +419,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
     loaders, lock = {}, None
     try:
         lock = preflight(cfg.run, device, dist, resume)
+        init_path = ""
+        if cfg.model.init_from:  # a mistyped path fails now, not after the dataset and tokenizer work
+            try:
+                init_path = ckpt.resolve_checkpoint(cfg.model.init_from)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"model.init_from: {e}") from None
         ensure_dataset(cfg, dist)
         tokenizer, tokenizer_sha = ensure_tokenizer(cfg, device, dist, ckpt.resolve_resume(resume, cfg.run.out_dir))
         d, o = cfg.data, cfg.optim
@@ -408,17 +438,21 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
             loaders["images"] = build_loader("image", data_path(d.root, d.image_list),
                                              batch_size=d.image_batch // o.accum_steps, **common)
         main = "video" if "video" in loaders else "images"
+        for name, loader in loaders.items():
+            # the main stream sets the epoch (accum_steps batches a step); the other cycles but needs one batch
+            need = o.accum_steps if name == main else 1
+            if len(loader) < need:
+                batch = "data.video_batch" if name == "video" else "data.image_batch"
+                raise ConfigError(f"the {name} dataset is too small: {len(loader)} batches of {batch} // "
+                                  f"optim.accum_steps per epoch per process, {need} needed; lower {batch} or add data")
         steps_per_epoch = len(loaders[main]) // o.accum_steps
-        if steps_per_epoch < 1:
-            raise ConfigError(f"the {main} dataset is too small: {len(loaders[main])} batches per epoch per process "
-                              f"for {o.accum_steps} accumulation steps; lower the batch size or add data")
         schedule_steps = steps_for(o.epochs, steps_per_epoch)
         total_steps = steps_for(o.epochs, steps_per_epoch, o.max_steps)
 
         model = create_bevt(cfg.model.name, mode=cfg.model.mode, vocab_size=cfg.tokenizer.vocab_size,
                             image_loss_weight=cfg.model.image_loss_weight, drop_path_rate=cfg.model.drop_path_rate,
                             image_quirks=cfg.model.image_quirks, grad_checkpointing=cfg.model.grad_checkpointing)
-        notes = load_pretrained(model.backbone, cfg.model.init_from) if cfg.model.init_from else []
+        notes = load_pretrained(model.backbone, init_path) if init_path else []
         model.to(device)
         groups = param_groups(model, weight_decay=o.weight_decay, no_decay_keys=tuple(o.no_decay_keys))
         optimizer = build_optimizer(groups, lr=o.lr, betas=tuple(o.betas), device_type=device.type, apex=o.apex)
@@ -448,7 +482,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
         skipped = sorted(set().union(*[set(l.skipped_files) for l in loaders.values()]))
         summary = dict(result, run_dir=run_dir, recipe=cfg.recipe, model=cfg.model.name, mode=cfg.model.mode,
                        device=str(device), world_size=dist.world_size, amp=amp, backends=describe_backends(device),
-                       skipped_files=skipped, init_notes=notes, steps_per_epoch=steps_per_epoch)
+                       skipped_files=skipped, init_from=init_path, init_notes=notes, steps_per_epoch=steps_per_epoch)
         if dist.is_main:
             print(format_summary(summary_title("bevt pretrain", summary), summary_rows(summary)), file=sys.stderr)
         return summary
@@ -465,8 +499,10 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
     rows = [("run folder", s["run_dir"]), ("recipe / model", f"{s['recipe']} / {s['model']} ({s['mode']})"),
             ("device", f"{s['device']} x{s['world_size']}, amp {s['amp']}"),
             ("kernels", ", ".join(f"{k}={v}" for k, v in s["backends"].items())),
+            ("initialised from", s.get("init_from") or "scratch"),
             ("steps / epochs", f"{s['steps']} / {s['epochs']} ({s['steps_per_epoch']} steps per epoch)"),
             ("time", f"{s['elapsed_s']:.1f} s")]
+    rows += [("  init", note) for note in s.get("init_notes", [])]  # what loading adapted, missed or dropped
     if "loss" in last:
         rows.append(("loss (first log -> last)", f"{first.get('loss', float('nan')):.4f} -> {last['loss']:.4f}"))
     for k in ("acc_video", "acc_image"):
