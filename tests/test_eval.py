@@ -374,7 +374,7 @@ def test_bad_input_errors(finetuned, synth_dataset, tmp_path, capsys):
     assert sum(p["videos"] for p in res["results"]["normal"]["per_class"]) == len(rows)
     a_file = tmp_path / "results_here"  # --out names a file: refused before the evaluation, not after
     a_file.write_text("keep me")
-    fails(["eval", "--checkpoint", finetuned, "--out", str(a_file)], f"--out {a_file}: is a file, not a folder")
+    fails(["eval", "--checkpoint", finetuned, "--out", str(a_file)], f"--out {a_file}: {a_file} is a file, not a folder")
     fails(["analyze", "temporal", "--checkpoint", finetuned, "--out", str(a_file / "sub")],
           "is a file, so the folder cannot be created")
     assert a_file.read_text() == "keep me"

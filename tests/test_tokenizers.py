@@ -440,6 +440,18 @@ def test_tokenizer_train_refuses_a_missing_gpu_before_any_work(tmp_path, monkeyp
     assert f"--device {missing}: no such GPU" in capsys.readouterr().err
 
 
+def test_tokenizer_train_refuses_an_unwritable_out_before_any_work(tmp_path, monkeypatch, capsys):
+    from bevt.cli import main
+
+    _no_data_work(monkeypatch)
+    a_file = tmp_path / "models"
+    a_file.write_text("keep me")
+    assert main(["tokenizer", "train", "--out", str(a_file / "tok.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{a_file} is a file, not a folder" in err and "Traceback" not in err, err
+    assert a_file.read_text() == "keep me"
+
+
 def test_tokenizer_train_defaults_only_for_omitted_options(tmp_path, monkeypatch):
     """--steps / --vocab-size given are used as given (the smallest valid ones here); omitted, they come
     from the recipe's tokenizer settings."""

@@ -284,15 +284,11 @@ def check_output_folder(out_dir: str, result_file: str = "results.json", overwri
     """Before an evaluation runs (minutes to hours): ``--out`` must name a folder that can be created or
     written, so that the results are not lost at the end, and must not hold an earlier evaluation's
     ``result_file`` unless ``overwrite``: a second evaluation would replace it without a word."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir}: is a file, not a folder (the results go into a folder)")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):  # the nearest folder that exists: it must take the new ones
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out {out_dir}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out_dir}: cannot write into {parent} (permission denied)")
+    from bevt.train.pretrain import unwritable_folder
+
+    problem = unwritable_folder(out_dir)
+    if problem:
+        raise ConfigError(f"--out {out_dir}: {problem} (the results go into a folder)")
     earlier = os.path.join(out_dir, result_file)
     if os.path.exists(earlier) and not overwrite:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(earlier)))

@@ -62,7 +62,7 @@ def run(args) -> int:
     from bevt.config import ConfigError
     from bevt.tokenizers import train_vq_tokenizer
     from bevt.train.distributed import DistInfo
-    from bevt.train.pretrain import build_config, ensure_dataset, resolve_device, tokenizer_frames
+    from bevt.train.pretrain import build_config, ensure_dataset, resolve_device, tokenizer_frames, unwritable_folder
 
     if os.path.isdir(args.out):
         print(f"bevt tokenizer train: --out {args.out} is a folder; give a file name ending in .safetensors",
@@ -73,6 +73,10 @@ def run(args) -> int:
         return 2
     if not args.out.endswith(".safetensors"):
         print(f"bevt tokenizer train: --out must end with .safetensors, got {args.out!r}", file=sys.stderr)
+        return 2
+    problem = unwritable_folder(os.path.dirname(os.path.abspath(args.out)))
+    if problem:  # before the training, not when its result is saved
+        print(f"bevt tokenizer train: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     try:
         cfg = build_config(args.recipe, args.overrides)
