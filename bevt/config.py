@@ -93,6 +93,11 @@ class DataConfig:
     """Video annotation list (``relative/path label`` per line) or a folder of class sub-folders."""
     image_list: str = "images.txt"
     """Image annotation list or folder (image stream)."""
+    video_prefix: str = ""
+    """Folder the video list's relative paths start from (mmaction's ``data_prefix``, relative to ``root``);
+    empty: the list's own folder."""
+    image_prefix: str = ""
+    """Folder the image list's relative paths start from (empty: the list's own folder)."""
     synthesize_if_missing: bool = False
     """Generate the built-in synthetic dataset at ``root`` when its lists are missing (the embedded default).
     Overriding ``data.root`` without also setting this field turns it off: the path then holds your data."""

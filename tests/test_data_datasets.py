@@ -52,6 +52,21 @@ def test_missing_list(tmp_path):
         VideoClipDataset(tmp_path / "nope.txt")
 
 
+def test_list_source_with_a_data_prefix(synth_dataset, tmp_path):
+    """mmaction's layout: the list's paths start from a prefix folder (e.g. videos_train), not the list's folder."""
+    from bevt.data.datasets import list_source
+
+    lst = tmp_path / "official_train_list.txt"  # entries relative to <root>/train, as in Kinetics' lists
+    lst.write_text("".join(line.split("/", 1)[1] + "\n" for line in open(synth_dataset.train_list).read().splitlines()))
+    assert list_source(str(lst)) == str(lst)  # no prefix: the dataset reads the list itself
+    items = list_source(str(lst), str(synth_dataset.root / "train"))
+    assert [s.path for s in items] == [s.path for s in read_annotation_list(synth_dataset.train_list)]
+    with pytest.raises(AnnotationError, match="is not a folder"):
+        list_source(str(lst), str(tmp_path / "videos_train"))
+    with pytest.raises(AnnotationError, match="applies to annotation lists only"):
+        list_source(str(synth_dataset.root / "train"), str(synth_dataset.root))
+
+
 def test_folder_mode(synth_dataset, tmp_path):
     items, classes = scan_folder(synth_dataset.root / "train")
     assert classes == sorted(synth_dataset.classes)

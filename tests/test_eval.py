@@ -213,6 +213,30 @@ def test_analyze_temporal_end_to_end(finetuned, tmp_path, capsys):
         assert json.load(f)["results"]["normal"]["top1"] == tem["normal"]["top1"]
 
 
+def test_eval_loader_keeps_the_prefix_of_the_config_lists(finetuned, synth_dataset, tmp_path):
+    """data.val_prefix / data.test_prefix (mmaction's data_prefix) follow their lists into evaluation; any other
+    list's paths start from its own folder."""
+    import dataclasses
+
+    from bevt.eval.evaluate import build_eval_loader, config_for
+
+    official = tmp_path / "val_official.txt"  # "val/<class>/x.mp4 3" -> "<class>/x.mp4 3"
+    official.write_text("".join(line.split("/", 1)[1] + "\n" for line in open(synth_dataset.val_list).read().splitlines()))
+    cfg = config_for(finetuned)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_list=str(official), test_list="",
+                                                            val_prefix=str(synth_dataset.root / "val")))
+    loader = build_eval_loader(cfg, str(official), "val", num_workers=0)
+    try:
+        assert all(os.path.exists(s.path) for s in loader.dataset.items) and len(loader.dataset.items) == 8
+    finally:
+        loader.close()
+    plain = build_eval_loader(cfg, str(synth_dataset.val_list), "val", num_workers=0)
+    try:
+        assert all(os.path.exists(s.path) for s in plain.dataset.items)
+    finally:
+        plain.close()
+
+
 def test_default_out_folders_keep_earlier_results(finetuned, tmp_path, capsys):
     """Each list and view setting of a checkpoint gets its own default folder; an evaluation never replaces an
     earlier one's results unless --overwrite, which also removes that evaluation's plot."""

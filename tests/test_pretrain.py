@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bevt.config import ConfigError
+from bevt.data.datasets import BrokenDatasetError
 from bevt.recipes import RECIPES
 from bevt.train import checkpoint as ckpt
 from bevt.train.pretrain import build_config, pretrain
@@ -168,6 +169,23 @@ def test_resume_with_another_tokenizer_is_a_clear_error(synth_dataset, tokenizer
                         f"tokenizer.path={other}", f"model.init_from={run}"))
     assert new["steps"] == 1 and new["init_from"].startswith(str(run / "checkpoints")), new
     assert "initialised from" in capsys.readouterr().err  # the summary says where the weights came from
+
+
+def test_official_lists_with_data_prefixes(synth_dataset, tokenizer_file, tmp_path):
+    """Kinetics-style lists, whose paths start from a videos folder (mmaction's data_prefix), not from the list's
+    folder: data.video_prefix / data.image_prefix say where they start."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name, src in (("videos.txt", synth_dataset.train_list), ("images.txt", synth_dataset.images_list)):
+        lines = open(src).read().splitlines()  # "train/<class>/x.mp4 3" -> "<class>/x.mp4 3"
+        (lists / name).write_text("".join(line.split("/", 1)[1] + "\n" for line in lines))
+    lst = (f"data.video_list={lists / 'videos.txt'}", f"data.image_list={lists / 'images.txt'}")
+    image_dir = open(synth_dataset.images_list).readline().split("/")[0]
+    s = pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "run", *lst, "optim.max_steps=2",
+                      "data.video_prefix=train", f"data.image_prefix={image_dir}"))
+    assert s["steps"] == 2 and not s["skipped_files"], s
+    with pytest.raises(BrokenDatasetError):  # without the prefix every path points into the lists' folder
+        pretrain(tiny(synth_dataset, tokenizer_file, tmp_path / "run2", *lst, "optim.max_steps=2"))
 
 
 @pytest.mark.parametrize("data_parallel,port", [("ddp", 29533), ("allreduce", 29534)])

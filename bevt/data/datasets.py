@@ -165,6 +165,20 @@ def scan_folder(root: str | os.PathLike, extensions=VIDEO_EXTENSIONS) -> tuple[l
     return items, classes
 
 
+def list_source(path: str, prefix: str = "") -> str | list[Sample]:
+    """What a dataset reads for the annotation list or class folder at ``path``: the path itself, or, with a
+    ``prefix`` (mmaction's ``data_prefix``, e.g. ``videos_train`` for Kinetics' official lists), the list's
+    samples with their relative paths joined to that folder instead of the list's own."""
+    if not prefix:
+        return path
+    if os.path.isdir(path):
+        raise AnnotationError(f"{path} is a folder of class folders; a data prefix ({prefix}) applies to annotation "
+                              f"lists only")
+    if not os.path.isdir(prefix):
+        raise AnnotationError(f"the data prefix {prefix} (the folder the paths of {path} start from) is not a folder")
+    return read_annotation_list(path, prefix)
+
+
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """One class name per line (line i is label i), blank lines ignored."""
     path = Path(path)

@@ -257,11 +257,16 @@ def build_eval_loader(cfg, list_path: str, views: str = "test", *, rank: int = 0
     """A test-mode loader over ``list_path`` with ``views`` (``test`` or ``val``), in list order."""
     from bevt.data.loader import build_loader
     from bevt.train.finetune import dataset_kwargs
+    from bevt.train.pretrain import data_path, list_items
 
     if views not in VIEW_KINDS:
         raise ValueError(f"views must be one of {VIEW_KINDS}, got {views!r}")
     bs = cfg.eval.test_batch_size if views == "test" else cfg.eval.val_batch_size
-    return build_loader("video", list_path, batch_size=bs, mode="test", decoder=cfg.data.decoder,
+    d = cfg.data  # the config's own lists keep their prefix settings; another list's paths start at its folder
+    prefixes = {data_path(d.root, lst): prefix for lst, prefix in ((d.val_list, d.val_prefix), (d.test_list, d.test_prefix))
+                if lst}
+    items = list_items(d.root, list_path, prefixes.get(list_path, ""))
+    return build_loader("video", items, batch_size=bs, mode="test", decoder=cfg.data.decoder,
                         num_workers=cfg.data.num_workers if num_workers is None else num_workers, seed=cfg.run.seed,
                         rank=rank, world_size=world_size, **dataset_kwargs(cfg, views))
 

@@ -354,6 +354,8 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
         name = f"{prefix}{key}"
         if isinstance(va, dict) and isinstance(vb, dict):
             out.update(_config_differences(va, vb, name + "."))
+        elif key not in a and vb == "":  # a setting added since that run was saved, left empty: no change
+            continue
         elif va != vb:
             out[name] = (va, vb)
     return out

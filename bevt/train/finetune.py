@@ -80,6 +80,11 @@ class FTDataConfig:
     """Validation list: single-view top-1 after every epoch (``eval.val_every``)."""
     test_list: str = ""
     """List ``bevt eval`` / ``bevt analyze`` use by default (empty: ``val_list``)."""
+    train_prefix: str = ""
+    """Folder the training list's relative paths start from (mmaction's ``data_prefix``, relative to ``root``,
+    e.g. ``videos_train``); empty: the list's own folder. ``val_prefix`` and ``test_prefix`` likewise."""
+    val_prefix: str = ""
+    test_prefix: str = ""
     class_names: str = "classes.txt"
     """File with one class name per line; its length must equal model.num_classes. Optional under this default
     name (a dataset without it uses the label numbers); another name must exist."""
@@ -523,7 +528,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import data_path, preflight, setup_runtime, summary_title, wrap_model
+    from bevt.train.pretrain import list_items, preflight, setup_runtime, summary_title, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders, lock = {}, None
@@ -547,7 +552,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
                     print(f"bevt: no checkpoint at {cfg.model.init_from} (run `bevt pretrain` first to fine-tune a "
                           f"pretrained model); fine-tuning from scratch", file=sys.stderr)
 
-        loaders["video"] = build_loader("video", data_path(d.root, d.train_list), batch_size=d.batch_size // o.accum_steps,
+        loaders["video"] = build_loader("video", list_items(d.root, d.train_list, d.train_prefix), batch_size=d.batch_size // o.accum_steps,
                                         mode="finetune", decoder=d.decoder, num_workers=d.num_workers,
                                         seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size,
                                         **dataset_kwargs(cfg, "train"))
@@ -556,7 +561,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
             raise ConfigError(f"the training list is too small: {len(loaders['video'])} batches per epoch per "
                               f"process for {o.accum_steps} accumulation steps; lower data.batch_size or add data")
         if cfg.eval.val_every:
-            val_loader = build_loader("video", data_path(d.root, d.val_list), batch_size=cfg.eval.val_batch_size,
+            val_loader = build_loader("video", list_items(d.root, d.val_list, d.val_prefix), batch_size=cfg.eval.val_batch_size,
                                       mode="test", decoder=d.decoder, num_workers=d.num_workers, seed=cfg.run.seed,
                                       rank=dist.rank, world_size=dist.world_size, **dataset_kwargs(cfg, "val"))
         schedule_steps = steps_for(o.epochs, steps_per_epoch)

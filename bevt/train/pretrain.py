@@ -58,6 +58,14 @@ def data_path(root: str, name: str) -> str:
     return name if os.path.isabs(name) or not root else os.path.join(root, name)
 
 
+def list_items(root: str, list_setting: str, prefix_setting: str = ""):
+    """What a dataset reads for a list setting and its prefix setting (both relative to ``root``): the list or
+    class folder, or the list's samples joined to the prefix folder (:func:`bevt.data.datasets.list_source`)."""
+    from bevt.data.datasets import list_source
+
+    return list_source(data_path(root, list_setting), data_path(root, prefix_setting) if prefix_setting else "")
+
+
 def unwritable_folder(folder: str) -> str | None:
     """Why files cannot be written into ``folder`` (created if missing), or None: checked before work whose
     result would otherwise be lost when it is saved."""
@@ -180,13 +188,14 @@ def tokenizer_frames(cfg: PretrainConfig, max_frames: int = 4096) -> torch.Tenso
     d = cfg.data
     sources = []
     if cfg.model.mode in ("bevt", "bevt_v"):
-        sources.append(("video", d.video_list, "video_tok", dict(clip_len=d.clip_len, interval=d.frame_interval)))
+        sources.append(("video", list_items(d.root, d.video_list, d.video_prefix), "video_tok",
+                        dict(clip_len=d.clip_len, interval=d.frame_interval)))
     if cfg.model.mode in ("bevt", "bevt_i"):
-        sources.append(("image", d.image_list, "images_tok", {}))
+        sources.append(("image", list_items(d.root, d.image_list, d.image_prefix), "images_tok", {}))
     chunks = []
-    for kind, lst, key, extra in sources:
+    for kind, items, key, extra in sources:
         n = 0
-        loader = build_loader(kind, data_path(d.root, lst), batch_size=8, mode="pretrain", decoder="pyav",
+        loader = build_loader(kind, items, batch_size=8, mode="pretrain", decoder="pyav",
                               num_workers=d.num_workers, seed=cfg.run.seed + 1, drop_last=False, crop=d.crop_size,
                               scale=tuple(d.scale_range), tok_size=d.tok_size, **extra)
         try:
@@ -432,10 +441,10 @@ def pretrain(cfg: PretrainConfig, *, resume: str = "") -> dict:
                       rank=dist.rank, world_size=dist.world_size, crop=d.crop_size, scale=tuple(d.scale_range),
                       tok_size=d.tok_size)
         if cfg.model.mode in ("bevt", "bevt_v"):
-            loaders["video"] = build_loader("video", data_path(d.root, d.video_list), batch_size=d.video_batch // o.accum_steps,
+            loaders["video"] = build_loader("video", list_items(d.root, d.video_list, d.video_prefix), batch_size=d.video_batch // o.accum_steps,
                                             clip_len=d.clip_len, interval=d.frame_interval, **common)
         if cfg.model.mode in ("bevt", "bevt_i"):
-            loaders["images"] = build_loader("image", data_path(d.root, d.image_list),
+            loaders["images"] = build_loader("image", list_items(d.root, d.image_list, d.image_prefix),
                                              batch_size=d.image_batch // o.accum_steps, **common)
         main = "video" if "video" in loaders else "images"
         for name, loader in loaders.items():
