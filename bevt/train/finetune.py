@@ -523,12 +523,13 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     checkpoint and what loading it did.
     """
     from bevt.data.loader import build_loader
+    from bevt.eval.evaluate import build_eval_loader  # validation uses `bevt eval --views val`'s loader
     from bevt.train.distributed import broadcast_from_rank0, cleanup
     from bevt.train.ema import ModelEMA
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import list_items, preflight, setup_runtime, summary_title, wrap_model
+    from bevt.train.pretrain import data_path, list_items, preflight, setup_runtime, summary_title, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders, lock = {}, None
@@ -561,9 +562,8 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
             raise ConfigError(f"the training list is too small: {len(loaders['video'])} batches per epoch per "
                               f"process for {o.accum_steps} accumulation steps; lower data.batch_size or add data")
         if cfg.eval.val_every:
-            val_loader = build_loader("video", list_items(d.root, d.val_list, d.val_prefix), batch_size=cfg.eval.val_batch_size,
-                                      mode="test", decoder=d.decoder, num_workers=d.num_workers, seed=cfg.run.seed,
-                                      rank=dist.rank, world_size=dist.world_size, **dataset_kwargs(cfg, "val"))
+            val_loader = build_eval_loader(cfg, data_path(d.root, d.val_list), "val", rank=dist.rank,
+                                           world_size=dist.world_size)
         schedule_steps = steps_for(o.epochs, steps_per_epoch)
         total_steps = steps_for(o.epochs, steps_per_epoch, o.max_steps)
 
