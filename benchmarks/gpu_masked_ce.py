@@ -169,11 +169,14 @@ def main():
     # ------------------------------------------------------------------ 2. timing + memory
     # measured before and not paying (docs/kernels/masked_ce.md): use_tma False (the logits read H[idx]),
     # grad_tma, bn 128 with 4 stages, split_grad, chunk_rows 3072 (over the memory target)
+    # measured before and not paying (docs/kernels/masked_ce.md): smaller dH tiles (hbn 128, hbm 64), with or
+    # without TMA loads in the gradient tiles. Session 15: dS = softmax - onehot made by the gradient tiles as
+    # they load the logits (no streaming pass writing it over the chunk), alone and with other pipelining
     variants = [("triton", {}),
-                # dH tiles of K = V = 8192 are 3.8x longer than the dW tiles (K = 2176 rows): smaller dH tiles
-                # balance the last wave (68 dH tiles of 128 x 256 at 1 CTA per SM)
-                ("triton_dh_128x128", {"hbn": 128}), ("triton_dh_64x256", {"hbm": 64}),
-                ("triton_dh_128x128_tma", {"hbn": 128, "grad_tma": True})]
+                ("triton_ds_in_grad", {"ds_in_grad": True}),
+                ("triton_ds_in_grad_4stages", {"ds_in_grad": True, "gstages": 4}),
+                ("triton_ds_in_grad_tma", {"ds_in_grad": True, "grad_tma": True}),
+                ("triton_ds_in_grad_dh128x128", {"ds_in_grad": True, "hbn": 128})]
     if args.quick:
         variants = variants[:2]
     providers = [("ref_gather_first", run_ref), ("official_all_tokens", run_official)]
@@ -317,32 +320,33 @@ def main():
         RES["cublas"] = traceback.format_exc()[-2000:]
         print(RES["cublas"], flush=True)
     save()
-    try:
-        from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile
 
-        fn = providers[2][1]
-        fn()
-        torch.cuda.synchronize()
-        n_it = 5
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n_it):
-                fn()
+    RES["breakdown_ms_per_iter"], RES["breakdown_total_ms"] = {}, {}
+    for name, fn in providers[2:4]:  # the default and the first variant
+        try:
+            fn()
             torch.cuda.synchronize()
-        agg = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                a = agg.setdefault(ev.name[:60], [0, 0.0])
-                a[0] += 1
-                a[1] += ev.time_range.elapsed_us() / 1e3
-        rows = sorted(((k, c / n_it, ms / n_it) for k, (c, ms) in agg.items()), key=lambda r: -r[2])
-        RES["breakdown_ms_per_iter"] = rows
-        print("kernel breakdown (per fwd+bwd):", flush=True)
-        for k, c, ms in rows[:20]:
-            print(f"   {ms:8.4f} ms  x{c:4.1f}  {k}", flush=True)
-        RES["breakdown_total_ms"] = sum(r[2] for r in rows)
-    except Exception:
-        RES["breakdown_ms_per_iter"] = traceback.format_exc()[-2000:]
-        print(RES["breakdown_ms_per_iter"], flush=True)
+            n_it = 5
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(n_it):
+                    fn()
+                torch.cuda.synchronize()
+            agg = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    a = agg.setdefault(ev.name[:60], [0, 0.0])
+                    a[0] += 1
+                    a[1] += ev.time_range.elapsed_us() / 1e3
+            rows = sorted(((k, c / n_it, ms / n_it) for k, (c, ms) in agg.items()), key=lambda r: -r[2])
+            RES["breakdown_ms_per_iter"][name] = rows
+            print(f"kernel breakdown, {name} (per fwd+bwd):", flush=True)
+            for k, c, ms in rows[:20]:
+                print(f"   {ms:8.4f} ms  x{c:4.1f}  {k}", flush=True)
+            RES["breakdown_total_ms"][name] = sum(r[2] for r in rows)
+        except Exception:
+            RES["breakdown_ms_per_iter"][name] = traceback.format_exc()[-2000:]
+            print(RES["breakdown_ms_per_iter"][name], flush=True)
     save()
 
     # ------------------------------------------------------------------ 4. edge cases and odd shapes
@@ -360,15 +364,17 @@ def main():
         print(traceback.format_exc(), flush=True)
     RES["checks"] = []
     for name, cinp, g, chunk in cases:
-        try:
-            t1 = time.time()
-            row = check_case(name, cinp, g, chunk)
-            row["s"] = time.time() - t1
-        except Exception:
-            row = {"case": name, "error": traceback.format_exc()[-2000:]}
-        RES["checks"].append(row)
-        print("check", row, flush=True)
-        save()
+        for tag, cfg in (("", {}), (" ds_in_grad", {"ds_in_grad": True})):
+            try:
+                t1 = time.time()
+                with kern.config_override(**cfg):
+                    row = check_case(name + tag, cinp, g, chunk)
+                row["s"] = time.time() - t1
+            except Exception:
+                row = {"case": name + tag, "error": traceback.format_exc()[-2000:]}
+            RES["checks"].append(row)
+            print("check", row, flush=True)
+            save()
 
     # ------------------------------------------------------------------ summary table
     print("\n==== masked CE, BEVT-B step shape (M=6272, D=1024, V=8192, bf16), fwd+bwd ====")
