@@ -263,16 +263,21 @@ def sweep_configs():
     r = dataclasses.replace
     kernels = ("fwd", "dq", "db", "kv")
     every = lambda field, v: {f"{k}_{field}": v for k in kernels}  # noqa: E731
+    one = lambda **kw: r(G, **kw)  # noqa: E731
     return {
         "default": G,
-        "uncapped": r(G, **every("maxnreg", 0)),  # the compiler's choice (158-218 registers at stage 1)
-        "reg168": r(G, **every("maxnreg", 168)),  # 3 CTAs of 4 warps per SM for each (sessions 7-11)
-        "reg128": r(G, **every("maxnreg", 128)),  # 4 CTAs for each
-        "stages1": r(G, **every("stages", 1)),
+        # measured at earlier defaults (sessions 7-13) and not paying then: all caps, stages, tile shapes
+        "reg168": r(G, **every("maxnreg", 168)),
         "stages3": r(G, **every("stages", 3)),
         "bn128": r(G, fwd_bn=128, dq_bn=128, kv_bm=128),  # fewer, larger key (query) steps
         "bm128w8": r(G, fwd_bm=128, fwd_warps=8, dq_bm=128, dq_warps=8, kv_bn=128, kv_warps=8),
-        "prog2048": r(G, fwd_programs=2048, dq_programs=2048, kv_programs=2048),
+        # session 15: one kernel at a time, at the session-13 caps (each kernel's pipelining depth and grid)
+        "fwd_stages3": one(fwd_stages=3), "dq_stages3": one(dq_stages=3), "db_stages3": one(db_stages=3),
+        "kv_stages3": one(kv_stages=3), "fwd_stages1": one(fwd_stages=1),
+        "prog512": r(G, **every("programs", 512)), "prog2048": r(G, **every("programs", 2048)),
+        "prog4096": r(G, **every("programs", 4096)),
+        "db_prog1024": one(db_programs=1024), "db_prog4096": one(db_programs=4096),
+        "kv_prog2048": one(kv_programs=2048), "fwd_prog2048": one(fwd_programs=2048),
     }
 
 
@@ -283,6 +288,7 @@ def ab_tests():
     - skipping the tiles the temporal shift mask leaves fully masked, on and off, at the fine-tuning shape
       (D = 16: two windows along D, the shift of 4 live; the pretraining grid has one window along D);
     - the register caps of 128 for the forward and dQ (4 CTAs per SM) against 168 for all four kernels;
+    - the programs per kernel of session 15 against those of session 13 (windows per program);
     - the one-tile backward (image path) without a cap (206 registers, 2 CTAs) against 168 (3 CTAs; 48 bytes
       of spills since session 11, 476 when it was last timed) and 128 (4 CTAs; 84 bytes).
     """
@@ -290,7 +296,13 @@ def ab_tests():
 
     alt = dataclasses.replace
     caps = dict(fwd_dq_128=base, all_168=alt(base, fwd_maxnreg=168, dq_maxnreg=168))
+    grid = dict(s15=base, s13=alt(base, fwd_programs=1024, dq_programs=1024, db_programs=2048, kv_programs=1024,
+                                  win_programs=1024))
     return {
+        "launch_grid_stage1": (_stage_case(SWIN_B_STAGES[0], True), grid),
+        "launch_grid_stage3": (_stage_case(SWIN_B_STAGES[2], True), grid),
+        "launch_grid_stage4": (_stage_case(SWIN_B_STAGES[3], False), grid),
+        "launch_grid_img_stage3": (_image_case(SWIN_B_IMAGE_STAGES[1], True), grid),
         "masked_tile_skip": (_stage_case(SWIN_B_FINETUNE_STAGE1, True),
                              dict(skip=base, every_tile=alt(base, skip_masked_tiles=False))),
         "register_caps_stage1": (_stage_case(SWIN_B_STAGES[0], True), caps),
@@ -460,24 +472,29 @@ def main():
     print("backward bitwise deterministic:", res["deterministic"])
 
     # 3. sweep (compiles warmed in parallel, timed serially)
-    if args.sweep:
-        c1 = _stage_case(SWIN_B_STAGES[0], True)
+    if args.sweep:  # at stage 1 and stage 3 (18 of Swin-B's 24 blocks), shifted
+        cases = [_stage_case(SWIN_B_STAGES[0], True), _stage_case(SWIN_B_STAGES[2], True)]
         cfgs = sweep_configs()
         with cf.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as ex:
-            warm = dict(ex.map(_warm_config, [(n, dataclasses.asdict(v), c1) for n, v in cfgs.items()]))
+            jobs = [(n, dataclasses.asdict(v), c) for c in cases for n, v in cfgs.items()]
+            warm = {}
+            for (n, _, c), (_, status) in zip(jobs, ex.map(_warm_config, jobs)):
+                warm[(n, c["name"])] = status
         res["sweep"] = {}
-        for name, cfg in cfgs.items():
-            if warm.get(name) != "ok":
-                res["sweep"][name] = dict(error=warm.get(name))
-                continue
-            K.set_config(cfg)
-            res["sweep"][name] = bench_case(c1, "triton")
-        K.set_config(None)
-        print("sweep (stage1 shifted, bf16, ms):")
-        for name, t in res["sweep"].items():
-            print(f"  {name:<18} " + ("  ".join(f"{k} {v:.3f}" for k, v in t.items()
-                                                 if k in ("fwd", "bwd", "fwd_bwd", "fwd_bwd_graph"))
-                                      if "error" not in t else t["error"]))
+        for c in cases:
+            res["sweep"][c["name"]] = {}
+            for name, cfg in cfgs.items():
+                if warm.get((name, c["name"])) != "ok":
+                    res["sweep"][c["name"]][name] = dict(error=warm.get((name, c["name"])))
+                    continue
+                K.set_config(cfg)
+                res["sweep"][c["name"]][name] = bench_case(c, "triton")
+            K.set_config(None)
+            print(f"sweep ({c['name']}, bf16, ms):")
+            for name, t in res["sweep"][c["name"]].items():
+                print(f"  {name:<18} " + ("  ".join(f"{k} {v:.3f}" for k, v in t.items()
+                                                     if k in ("fwd", "bwd", "fwd_bwd", "fwd_bwd_graph"))
+                                          if "error" not in t else t["error"]), flush=True)
 
     # 4. default choices against their alternatives (see ab_tests)
     for test, (case, variants) in ab_tests().items():
@@ -490,10 +507,12 @@ def main():
             f"{n} {t['fwd']:.3f} / {t['fwd_bwd_graph']:.3f}" for n, t in res[test].items()))
 
     # 5. profile + timings of the stages (default config)
-    res["profile_stage1_shift"] = profile_kernels(_stage_case(SWIN_B_STAGES[0], True))
-    print("kernel times, stage1 shifted fwd+bwd (ms):")
-    for k, v in list(res["profile_stage1_shift"].items())[:12]:
-        print(f"  {v:7.4f}  {k}")
+    for s in (SWIN_B_STAGES[0], SWIN_B_STAGES[2], SWIN_B_STAGES[3]):
+        c = _stage_case(s, s.name != "stage4")
+        res[f"profile_{c['name']}"] = profile_kernels(c)
+        print(f"kernel times, {c['name']} fwd+bwd (ms):")
+        for k, v in list(res[f"profile_{c['name']}"].items())[:12]:
+            print(f"  {v:7.4f}  {k}")
     rows = []
     wanted = args.stages.split(",")
     for s in SWIN_B_STAGES:

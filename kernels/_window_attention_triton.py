@@ -618,21 +618,23 @@ def _bwd_window_kernel(Q, K, V, KVP, TAB, O, DO, LSE, DQ, DK, DV, DBP, DKVP, TOK
 
 # ----------------------------------------------------------------------------- bias planes from the table
 @triton.jit
-def _expand_bias_kernel(TAB, IDX, MSK, OUT, NH: tl.constexpr, NP: tl.constexpr, T: tl.constexpr,
-                        RB: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[p, t, h, i, :] = TAB[IDX[p, i, :], h] * log2(e), plus the official -100 (x log2 e) where MSK[t, i, :]
+def _expand_bias_kernel(TABT, IDX, MSK, OUT, L, NP: tl.constexpr, T: tl.constexpr, RB: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """OUT[p, t, h, i, :] = TABT[h, IDX[p, i, :]] * log2(e), plus the official -100 (x log2 e) where MSK[t, i, :]
     is set (window type t's shift mask), in OUT's dtype; IDX -1: -inf (padded column), -2: 0 (padded row).
+    TABT: the (L, NH) table transposed, (NH, L) contiguous, so that one head's gathers stay within one row.
     One program per (block of RB rows i, head h, plane p); p = 0: bias(i, j), p = 1: transposed (the mask is
     symmetric). The index rows and the table gather are shared by the T types' planes (the writes, T planes
     per head, are what the launch costs)."""
     rows = tl.program_id(0) * RB + tl.arange(0, RB)
     h = tl.program_id(1)
+    NH = tl.num_programs(1)
     p = tl.program_id(2)
     cols = tl.arange(0, BLOCK)
     live = (rows[:, None] < NP) & (cols[None, :] < NP)
     off = rows[:, None] * NP + cols[None, :]
     idx = tl.load(IDX + p * (NP * NP) + off, mask=live, other=-2)
-    val = tl.load(TAB + idx * NH + h, mask=live & (idx >= 0), other=0.0).to(tl.float32) * LOG2E_K
+    val = tl.load(TABT + h * L + idx, mask=live & (idx >= 0), other=0.0).to(tl.float32) * LOG2E_K
     val = tl.where(idx == -1, float("-inf"), val)
     for t in tl.static_range(T):
         msk = tl.load(MSK + t * (NP * NP) + off, mask=live, other=0)

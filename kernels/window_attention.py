@@ -51,10 +51,16 @@ class Config:
     kv_bn: int = 64
     kv_warps: int = 4
     kv_stages: int = 2
-    fwd_programs: int = 1024  # target programs per kernel: sets the windows each program loops over
-    dq_programs: int = 1024
-    db_programs: int = 2048  # (the bias-gradient kernel's ranges also set how many partials exist)
-    kv_programs: int = 1024
+    # target programs per kernel: sets the windows each program loops over. Session 15 (H100, per-kernel times of
+    # every Swin-B stage at targets 256-8192, benchmarks/results/window_attention_grid.json): the forward, dQ and
+    # dK/dV kernels run fastest with one to four windows per program (4096), the bias-gradient kernel with as
+    # few ranges as fill the GPU once (256: fewer partial planes to write and sum), the one-tile backward at 512.
+    # Against the session-13 targets (1024, 1024, 2048, 1024 and 1024), same run, fwd + bwd (graph): stage 1
+    # 1.615 -> 1.513 ms, stage 3 0.530 -> 0.463, stage 4 0.352 -> 0.300, image stage 3 0.124 -> 0.117
+    fwd_programs: int = 4096
+    dq_programs: int = 4096
+    db_programs: int = 256  # (the bias-gradient kernel's ranges also set how many partials exist)
+    kv_programs: int = 4096
     dbp_max_bytes: int = 64 << 20  # cap of the bias-gradient partials (fewer ranges if exceeded)
     # skip the tiles the shift mask along D leaves fully masked (``_live_tiles``): a third of the tiles of the last
     # window along D, a sixth of a shifted video block's
@@ -64,6 +70,7 @@ class Config:
     one_tile_backward: bool = True
     win_warps: int = 4
     win_stages: int = 2
+    win_programs: int = 512
     # it holds P, dS, the bias-gradient partial and three gradients at once. Session 7: uncapped (255 registers,
     # 2 CTAs per SM) 0.41 ms img stage 1 fwd+bwd, a cap of 168 0.54 (476 B of spills). After the session-11/12
     # instruction cuts (session 13, H100): uncapped 0.377, 168 0.366 (48 B), 128 0.364 ms (84 B, 4 CTAs).
@@ -84,7 +91,7 @@ class Config:
 
 GPU_CONFIG = Config()
 # the interpreter runs programs one by one in numpy: small tiles exercise the tail logic at little cost
-INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1)
+INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1, win_programs=1)
 _config_override: Config | None = None
 
 
@@ -284,9 +291,12 @@ def _expand_bias(bias_table: torch.Tensor, geo: "_Geo", np_: int, dtype: torch.d
     types = masks.shape[0]
     out = torch.empty((planes, types, geo.nh, np_, np_), device=dev, dtype=dtype)
     rb = 4
-    _launcher(_k._expand_bias_kernel)((triton_cdiv(np_, rb), geo.nh, planes), dev, bias_table.detach().contiguous(),
-                                      _plane_index(geo.ws, geo.ts, np_, str(dev)), masks, out, NH=geo.nh, NP=np_,
-                                      T=types, RB=rb, BLOCK=triton_next_pow2(np_), num_warps=4)
+    # the table as (nh, L): a head's gathers then fall in one contiguous row (L1-resident) instead of one
+    # 32-byte sector each, nh * 4 bytes apart (session 15, H100, this kernel per fwd + bwd: stage 4, 32 heads,
+    # 0.071 -> 0.045 ms; stage 3 0.040 -> 0.035)
+    _launcher(_k._expand_bias_kernel)((triton_cdiv(np_, rb), geo.nh, planes), dev, bias_table.detach().t().contiguous(),
+                                      _plane_index(geo.ws, geo.ts, np_, str(dev)), masks, out, bias_table.shape[0],
+                                      NP=np_, T=types, RB=rb, BLOCK=triton_next_pow2(np_), num_warps=4)
     return out if both else out[0]
 
 
@@ -365,7 +375,7 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     if cfg.one_tile_backward and geo.n <= min(cfg.dq_bm, cfg.dq_bn):
         # one (BT, BT) tile holds the window: one backward kernel, one bias-gradient plane per range and head
         bt = max(16, triton_next_pow2(geo.n))
-        wpp = _windows_per_program(geo.bw, geo.nh, cfg.dq_programs)
+        wpp = _windows_per_program(geo.bw, geo.nh, cfg.win_programs)
         window = LaunchSpec(_k._bwd_window_kernel, (geo.bw // wpp * geo.nh,), dict(common, WPP=wpp, BT=bt),
                             cfg.win_warps, cfg.win_stages, dict(ranges=geo.bw // wpp, nqp=bt, nkp=bt, nkt=1),
                             maxnreg=_register_cap(cfg.win_maxnreg, geo, dtype, wide=0))

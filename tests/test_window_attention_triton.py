@@ -152,7 +152,7 @@ def test_one_tile_windows_backward(one_tile, grid):
     """49-token windows fit one tile: by default one backward kernel computes dQ, dK, dV and the partials
     (one pass); one_tile_backward=False runs the three kernels. Several ranges of windows in both (their
     partials summed before the gather); the padded grid also checks the kv_pad gradient."""
-    with tiles(one_tile_backward=one_tile, dq_programs=4, db_programs=4, kv_programs=4):
+    with tiles(one_tile_backward=one_tile, dq_programs=4, db_programs=4, kv_programs=4, win_programs=4):
         qkv = torch.empty(4, *grid, 3, 2, 16, device=DEV, dtype=torch.bfloat16)
         geo = KERN._tokens_geo(qkv, (1, 7, 7), (0, 3, 3), (3, 7, 7), (0, 3, 3))
         specs = KERN.launch_specs(geo, True, qkv.dtype, False, KERN._config(qkv.device, geo.n))
@@ -322,7 +322,7 @@ def test_backward_is_bitwise_deterministic(one_tile):
     assert CAPABILITIES["triton"].extra["deterministic"]
     geo = dict(window_size=(2, 4, 4), shift_size=(1, 2, 2), table_window_size=(2, 4, 4), mask_shift_size=(1, 2, 2))
     qkv, table, kvp, do = make(1, (3, 5, 6), 1, 16, (2, 4, 4), torch.bfloat16, seed=7)
-    with tiles(one_tile_backward=one_tile, dq_programs=2, db_programs=2, kv_programs=2):
+    with tiles(one_tile_backward=one_tile, dq_programs=2, db_programs=2, kv_programs=2, win_programs=2):
         a = run_tokens(qkv, table, kvp, do, "triton", **geo)
         b = run_tokens(qkv, table, kvp, do, "triton", **geo)
     for x, y in zip(a, b):
