@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -419,11 +420,7 @@ def apply_overrides(cfg, overrides: list[str]):
         for i, part in enumerate(path):
             hints = _field_types(cls)
             if part not in hints:
-                where = ".".join(path[:i]) or "the config"
-                close = difflib.get_close_matches(part, hints, n=1)
-                hint = f"; did you mean {'.'.join(path[:i] + close)}?" if close else ""
-                raise ConfigError(f"override {key!r}: {where} has no field {part!r}{hint} (fields: "
-                                  f"{', '.join(sorted(hints))})")
+                raise ConfigError(f"override {key!r}: " + _no_field(path[:i], part, hints))
             tp = hints[part]
             if i < len(path) - 1:
                 if not dataclasses.is_dataclass(tp):
@@ -436,12 +433,85 @@ def apply_overrides(cfg, overrides: list[str]):
                     node[part] = _coerce(_parse_literal(text, tp), tp, key)
                 except ConfigError as e:
                     raise ConfigError(f"override {key!r}: {e}") from None
-    keys = {ov.split("=", 1)[0].strip() for ov in overrides}
+    _fallbacks_off(data, {ov.split("=", 1)[0].strip() for ov in overrides})
+    return from_dict(type(cfg), data)
+
+
+def _fallbacks_off(data: dict, keys: set[str]) -> None:
+    """A path set by hand (``keys``: the dotted fields that were set) turns its fallback flag off, unless the
+    flag was set too (``_NAMED_MEANS_REQUIRED``)."""
     for key, flag in _NAMED_MEANS_REQUIRED.items():
         section, name = flag.split(".")
         if key in keys and flag not in keys and data.get(section, {}).get(name):
             data[section][name] = False
-    return from_dict(type(cfg), data)
+
+
+def _no_field(section: list[str], name: str, hints: dict) -> str:
+    """'optim has no field 'lrr'; did you mean optim.lr? (fields: ...)' for a field ``name`` that the section
+    at path ``section`` (empty: the top level) lacks."""
+    close = difflib.get_close_matches(name, hints, n=1)
+    hint = f"; did you mean {'.'.join(section + close)}?" if close else ""
+    return f"{'.'.join(section) or 'the config'} has no field {name!r}{hint} (fields: {', '.join(sorted(hints))})"
+
+
+def read_config_file(path: str) -> tuple[str, dict]:
+    """(the file read, its JSON object): a config as ``--print-config`` prints it or a run folder's
+    config.json; a folder means its config.json."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "config.json")
+        if not os.path.isfile(inner):
+            raise ConfigError(f"--config {path} is a folder without a config.json (a run folder has one)")
+        path = inner
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some editors write, is dropped
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a JSON object of sections, as --print-config prints; "
+                          f"it holds a {type(data).__name__}")
+    return path, data
+
+
+def apply_config_file(cfg, path: str):
+    """Return a new config with the fields a JSON file sets (all of them, as ``--print-config`` prints, or any
+    subset, e.g. ``{"optim": {"lr": 1e-4}}``) over ``cfg``'s, everything re-validated. A data.root or
+    model.init_from set without its fallback flag turns the flag off, as with ``--set``."""
+    path, data = read_config_file(path)
+    merged = to_dict(cfg)
+    named: set[str] = set()
+
+    def walk(cls, given: dict, out: dict, section: list[str]) -> None:
+        hints = _field_types(cls)
+        for name, value in given.items():
+            dotted = ".".join(section + [name])
+            if name not in hints:
+                raise ConfigError(f"--config {path}: " + _no_field(section, name, hints))
+            tp = hints[name]
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"--config {path}: {dotted} is a section, so it must be a JSON object; "
+                                      f"got {value!r}")
+                walk(tp, value, out[name], section + [name])
+            else:
+                try:
+                    out[name] = _coerce(value, tp, dotted)
+                except ConfigError as e:
+                    raise ConfigError(f"--config {path}: {e}") from None
+                named.add(dotted)
+
+    walk(type(cfg), data, merged, [])
+    _fallbacks_off(merged, named)
+    try:
+        return from_dict(type(cfg), merged)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
 
 
 class Recipes:
@@ -475,9 +545,13 @@ class Recipes:
         cfg.recipe = name
         return from_dict(type(cfg), to_dict(cfg))
 
-    def build(self, name: str, overrides: list[str]):
-        """Recipe ``name`` with the ``section.field=value`` overrides applied (:func:`apply_overrides`)."""
-        return apply_overrides(self.get(name), overrides)
+    def build(self, name: str, overrides: list[str], config_file: str | None = None):
+        """Recipe ``name``, then the fields a JSON config file sets (:func:`apply_config_file`), then the
+        ``section.field=value`` overrides (:func:`apply_overrides`)."""
+        cfg = self.get(name)
+        if config_file:
+            cfg = apply_config_file(cfg, config_file)
+        return apply_overrides(cfg, overrides)
 
 
 def save_json(cfg, path: str) -> None:

@@ -1,6 +1,7 @@
 """`bevt pretrain` end to end on CPU: learning, exact resume, 2-process DDP (gloo), bad input, broken files."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -408,6 +409,61 @@ def test_cli_rejects_bad_override(capsys):
     assert "section.field=value" in capsys.readouterr().err
 
 
+def test_config_file_round_trips_and_takes_a_subset(capsys, tmp_path):
+    """--config FILE: what --print-config prints (or a run folder) gives the same config back; a subset of
+    fields goes over the recipe's; --set applies on top; a path set in the file turns its fallback off."""
+    from bevt.cli import main
+
+    assert main(["pretrain", "--recipe", "bevt_tiny_k400", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(printed)
+    for source in (tmp_path / "run" / "config.json", tmp_path / "run"):
+        assert main(["pretrain", "--config", str(source), "--print-config"]) == 0
+        assert capsys.readouterr().out == printed
+    part = tmp_path / "part.json"
+    part.write_text('\ufeff{"optim": {"lr": 0.0005, "betas": [0.8, 0.9]}, "data": {"root": "/my/videos"}}')
+    cfg = RECIPES.build("default", ["optim.warmup_epochs=3"], str(part))
+    default = RECIPES.get("default")
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.warmup_epochs) == (0.0005, (0.8, 0.9), 3)
+    assert cfg.optim.weight_decay == default.optim.weight_decay and cfg.model == default.model
+    assert cfg.data.root == "/my/videos" and not cfg.data.synthesize_if_missing
+    cfg = RECIPES.build("default", ["optim.lr=1e-3"], str(part))
+    assert cfg.optim.lr == 1e-3  # --set wins over the file
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"optm": {"lr": 1}}', r"the config has no field 'optm'; did you mean optim\?"),
+    ('{"optim": {"lrr": 1}}', r"optim has no field 'lrr'; did you mean optim.lr\?"),
+    ('{"optim": 3}', "optim is a section, so it must be a JSON object; got 3"),
+    ('{"optim": {"lr": "fast"}}', "optim.lr must be a number, got 'fast'"),
+    ('{"optim": {"lr": -1}}', "optim.lr must be finite and > 0"),
+    ('{"optim": {"lr": 1,}}', r"not valid JSON \(line 1, column 20"),
+    ("[1, 2]", "must hold a JSON object of sections, as --print-config prints; it holds a list"),
+])
+def test_config_file_errors_name_the_file_and_the_field(capsys, tmp_path, text, msg):
+    from bevt.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(msg, err) and f"--config {bad}" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_file_that_cannot_be_read(capsys, tmp_path):
+    from bevt.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    for source, msg in ((tmp_path / "missing.json", "no such file"),
+                        (tmp_path / "empty", "is a folder without a config.json"),
+                        (tmp_path / "binary.json", "cannot read it")):
+        assert main(["finetune", "--config", str(source)]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_a_closed_output_pipe_ends_quietly():
     """``bevt pretrain --print-config | head -1``: the reader goes away; no traceback, the shell's SIGPIPE code."""
     proc = subprocess.Popen([sys.executable, "-m", "bevt.cli", "pretrain", "--print-config"], stdout=subprocess.PIPE,
@@ -506,7 +562,8 @@ def test_run_job_exit_code_of_a_stopped_run():
 
     from bevt.train.pretrain import run_job
 
-    args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None, list_recipes=False)
+    args = SimpleNamespace(recipe="default", config=None, overrides=[], print_config=False, resume=None,
+                           list_recipes=False)
     for stopped_by, code in (("SIGINT", 130), ("SIGTERM", 143), ("a signal to another process", 143)):
         assert run_job("bevt pretrain", RECIPES, lambda cfg, resume: {"stopped_by": stopped_by}, args) == code
     assert run_job("bevt pretrain", RECIPES, lambda cfg, resume: {"stopped_by": None}, args) == 0

@@ -163,7 +163,8 @@ def test_cli_reports_a_diverged_run_with_exit_code_1(capsys):
     def job(cfg, resume):
         raise TrainingDiverged("training diverged by step 7 (loss=nan): ...")
 
-    args = SimpleNamespace(recipe="default", overrides=[], print_config=False, resume=None, list_recipes=False)
+    args = SimpleNamespace(recipe="default", config=None, overrides=[], print_config=False, resume=None,
+                           list_recipes=False)
     assert run_job("bevt pretrain", RECIPES, job, args) == 1
     assert "bevt pretrain: training diverged by step 7" in capsys.readouterr().err
 

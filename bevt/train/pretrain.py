@@ -551,6 +551,9 @@ def add_job_arguments(p, recipes: Recipes, set_example: str) -> None:
     p.add_argument("--recipe", default="default",
                    help=f"named recipe ({', '.join(recipes.names())}); default: the embedded run")
     p.add_argument("--list-recipes", action="store_true", help=f"list the {recipes.job} recipes and exit")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON settings over the recipe's: a config as --print-config prints it, a run folder (its "
+                        "config.json), or any subset such as {\"optim\": {\"lr\": 1e-4}}; --set applies on top")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"dotted override, repeatable (a tuple as a,b), e.g. {set_example}")
     p.add_argument("--resume", default="", metavar="auto|DIR",
@@ -572,7 +575,7 @@ def run_job(command: str, recipes: Recipes, job, args) -> int:
         print_recipes(recipes)
         return 0
     try:
-        cfg = recipes.build(args.recipe, args.overrides)
+        cfg = recipes.build(args.recipe, args.overrides, args.config)
     except (ConfigError, ValueError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 2
