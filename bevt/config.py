@@ -549,7 +549,7 @@ class Recipes:
         """Recipe ``name``, then the fields a JSON config file sets (:func:`apply_config_file`), then the
         ``section.field=value`` overrides (:func:`apply_overrides`)."""
         cfg = self.get(name)
-        if config_file:
+        if config_file is not None:  # --config "" is a missing file, not no file
             cfg = apply_config_file(cfg, config_file)
         return apply_overrides(cfg, overrides)
 

@@ -50,7 +50,6 @@ __all__ = ["masked_ce", "masked_ce_forward", "default_config", "chunk_bound", "i
 # to the hidden dtype (V * D * 2 bytes: 16 MiB at 8192 x 1024), the compact rows of the chunk (C_max * D * 2)
 # and the tile statistics (C_max * ceil(V / 256) * 12): about 57 MiB in all at the BEVT-B shape.
 CHUNK_BUDGET_BYTES = 36 * 2 ** 20
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def interpreter_ready() -> bool:
@@ -214,17 +213,15 @@ def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, a_desc, w_ptr, stride_w, w
 
 
 def _ce_rows_kernel(lg_ptr, stride_l, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, tgt_ptr, idx_ptr, tab_ptr, loss_ptr,
-                    hit_ptr, lse2_ptr, tgc_ptr, V, chunk, NT, N_CB, WRITE_GRAD: tl.constexpr, WRITE_LSE: tl.constexpr,
-                    RB: tl.constexpr, BC: tl.constexpr, NTB: tl.constexpr):
+                    hit_ptr, V, chunk, NT, N_CB, WRITE_GRAD: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
+                    NTB: tl.constexpr):
     """Loss and hits per row from the tile statistics; dS = softmax - onehot over the chunk (streaming).
 
     RB rows x BC columns per program (N_CB column blocks per row block). Each combines the NT tile statistics
     of its rows (pmax/psum/pidx [C_max, NT], tlog [C_max]) into the log-sum-exp; the programs of column
     block 0 write loss_ptr / hit_ptr [N] at the rows' masked index r0 + i (loss NaN for a target outside
     [0, V)); with WRITE_GRAD each program overwrites its block of the logits chunk lg_ptr [C_max, *] with
-    exp(x - lse) - onehot. With WRITE_LSE instead (``ds_in_grad``: the gradient tiles make dS from the
-    logits as they load them), column block 0 stores each row's lse * log2(e) into lse2_ptr [C_max] and its
-    target into tgc_ptr [C_max], and the chunk is left as it is.
+    exp(x - lse) - onehot.
     """
     pid = tl.program_id(0)
     r0 = tl.load(tab_ptr + 2 * chunk)
@@ -254,9 +251,6 @@ def _ce_rows_kernel(lg_ptr, stride_l, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, tg
             xt = tl.load(tlog_ptr + rows, mask=r_ok & t_ok, other=0.0)
             tl.store(loss_ptr + r0 + rows, tl.where(t_ok, lse - xt, float("nan")), mask=r_ok)
             tl.store(hit_ptr + r0 + rows, (am == t).to(tl.int32), mask=r_ok)
-            if WRITE_LSE:
-                tl.store(lse2_ptr + rows, lse * LOG2E, mask=r_ok)
-                tl.store(tgc_ptr + rows, t, mask=r_ok)
         # 3. dS = softmax - onehot, in place
         if WRITE_GRAD:
             cols = cb * BC + tl.arange(0, BC)
@@ -268,23 +262,10 @@ def _ce_rows_kernel(lg_ptr, stride_l, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, tg
 
 
 @triton.jit
-def _ds_from_logits(x, lse2, tg, cols, V, EVEN: tl.constexpr):
-    """dS = exp(x - lse) - onehot(target), in x's dtype, for a tile of logits x with rows along axis 0
-    (``ds_in_grad``). lse2 / tg: the rows' lse * log2(e) and targets (+inf and -1 for rows that must give 0);
-    cols: the tile's codebook columns; unless EVEN, columns past V give 0."""
-    g = tl.math.exp2(x.to(tl.float32) * LOG2E - lse2[:, None]) - tl.where(cols[None, :] == tg[:, None], 1.0, 0.0)
-    if not EVEN:
-        g = tl.where(cols[None, :] < V, g, 0.0)
-    return g.to(x.dtype)
-
-
-@triton.jit
 def _dh_tile(pid, lg_ptr, stride_l, lg_desc, w_ptr, stride_w, wt_desc, idx_ptr, r0, rows_c, inv_m, dh_ptr,
-             stride_dh, lse2_ptr, tgc_ptr, V, D, H_BY_M: tl.constexpr, USE_TMA: tl.constexpr, EVEN_V: tl.constexpr,
-             DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DS_IN_GRAD: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr):
-    """dH[idx[r0+i], n] = sum_v dS[i, v] W[v, n] for one BM x BN tile (K = V), stored in dh's dtype. dS is the
-    chunk, or (DS_IN_GRAD) made from the chunk's logits as they are loaded."""
+             stride_dh, V, D, H_BY_M: tl.constexpr, USE_TMA: tl.constexpr, EVEN_V: tl.constexpr,
+             DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """dH[idx[r0+i], n] = sum_v dS[i, v] W[v, n] for one BM x BN tile (K = V), stored in dh's dtype."""
     num_n = tl.cdiv(D, BN)
     pid_m = pid // num_n
     pid_n = pid % num_n
@@ -297,9 +278,6 @@ def _dh_tile(pid, lg_ptr, stride_l, lg_desc, w_ptr, stride_w, wt_desc, idx_ptr, 
         a_ptrs = lg_ptr + offs_m[:, None].to(tl.int64) * stride_l + offs_k[None, :]
         b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_w + offs_nl[None, :]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if DS_IN_GRAD:  # rows past the count: lse +inf, so their dS is 0 whatever the chunk holds there
-            lse2 = tl.load(lse2_ptr + offs_m, mask=offs_m < rows_c, other=float("inf"))
-            tg = tl.load(tgc_ptr + offs_m, mask=offs_m < rows_c, other=-1)
         for k in range(0, tl.cdiv(V, BK)):
             if USE_TMA:
                 a = lg_desc.load([pid_m * BM, k * BK])
@@ -310,8 +288,6 @@ def _dh_tile(pid, lg_ptr, stride_l, lg_desc, w_ptr, stride_w, wt_desc, idx_ptr, 
             else:
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < V - k * BK, other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < V - k * BK, other=0.0)
-            if DS_IN_GRAD:
-                a = _ds_from_logits(a, lse2, tg, k * BK + offs_k, V, EVEN_V)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -328,9 +304,8 @@ def _dh_tile(pid, lg_ptr, stride_l, lg_desc, w_ptr, stride_w, wt_desc, idx_ptr, 
 
 @triton.jit
 def _dw_tile(pid_v, pid_d, chunk, lg_ptr, stride_l, lgt_desc, hc_ptr, stride_hc, hc_desc, rows_c, inv_m, dw_ptr,
-             stride_dw, db_ptr, lse2_ptr, tgc_ptr, V, D, WITH_DB: tl.constexpr, USE_TMA: tl.constexpr,
-             DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DS_IN_GRAD: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr, BK: tl.constexpr, EPI: tl.constexpr):
+             stride_dw, db_ptr, V, D, WITH_DB: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+             UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EPI: tl.constexpr):
     """dW[v, n] (+)= sum_i dS[i, v] Hc[i, n] for one BM x BN tile (K = chunk rows, read in whole BK blocks:
     the tail rows were zeroed), fp32; with WITH_DB also db[v] (+)= sum_i dS[i, v]. The first chunk
     stores, later chunks add. lgt_desc: chunk descriptor with block [BK, BM]; hc_desc: block [BK, BN]."""
@@ -350,11 +325,6 @@ def _dw_tile(pid_v, pid_d, chunk, lg_ptr, stride_l, lgt_desc, hc_ptr, stride_hc,
         else:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
-        if DS_IN_GRAD:  # the K block's rows: past the count, lse +inf (dS 0; the gather zeroed their logits)
-            rk = k0 + offs_k
-            lse2 = tl.load(lse2_ptr + rk, mask=rk < rows_c, other=float("inf"))
-            tg = tl.load(tgc_ptr + rk, mask=rk < rows_c, other=-1)
-            a = _ds_from_logits(a, lse2, tg, offs_v, V, True)  # columns past V reach only unstored outputs
         if UPCAST:
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision=DOT_PREC)
         else:
@@ -399,14 +369,12 @@ def _dw_tile(pid_v, pid_d, chunk, lg_ptr, stride_l, lgt_desc, hc_ptr, stride_hc,
 
 
 def _grad_kernel(lg_ptr, stride_l, lg_desc, lgt_desc, w_ptr, stride_w, wt_desc, hc_ptr, stride_hc, hc_desc, idx_ptr,
-                 tab_ptr, csum_ptr, dh_ptr, stride_dh, dw_ptr, stride_dw, db_ptr, lse2_ptr, tgc_ptr, N, V, D, chunk,
-                 N_DH_TILES, HAS_DH: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, H_BY_M: tl.constexpr,
+                 tab_ptr, csum_ptr, dh_ptr, stride_dh, dw_ptr, stride_dw, db_ptr, N, V, D, chunk, N_DH_TILES,
+                 HAS_DH: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, H_BY_M: tl.constexpr,
                  USE_TMA: tl.constexpr, EVEN_V: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 DS_IN_GRAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HBM: tl.constexpr, HBN: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HBM: tl.constexpr, HBN: tl.constexpr,
                  EPI: tl.constexpr):
-    """Gradients of one chunk from dS = softmax - onehot, scaled by 1/max(M,1). dS is stored in the logits
-    chunk, or (DS_IN_GRAD) made from the logits as each tile loads them, with the rows' lse * log2(e) and
-    targets from lse2_ptr / tgc_ptr [C_max].
+    """Gradients of one chunk from dS = softmax - onehot (stored in the logits chunk), scaled by 1/max(M,1).
 
     Programs [0, N_DH_TILES): dH tiles of HBM x HBN (K = V), stored in the hidden dtype into the token rows of dh_ptr
     [N, D] (scaled by 1/M when H_BY_M). Programs past them: dW tiles of BM x BN (K = chunk rows), fp32 into dw_ptr
@@ -424,8 +392,7 @@ def _grad_kernel(lg_ptr, stride_l, lg_desc, lgt_desc, w_ptr, stride_w, wt_desc, 
     if HAS_DH:
         if pid < N_DH_TILES:
             _dh_tile(pid, lg_ptr, stride_l, lg_desc, w_ptr, stride_w, wt_desc, idx_ptr, r0, rows_c, inv_m, dh_ptr,
-                     stride_dh, lse2_ptr, tgc_ptr, V, D, H_BY_M, USE_TMA, EVEN_V, DOT_PREC, UPCAST, DS_IN_GRAD, HBM,
-                     HBN, BK)
+                     stride_dh, V, D, H_BY_M, USE_TMA, EVEN_V, DOT_PREC, UPCAST, HBM, HBN, BK)
     if HAS_DW:
         if pid >= N_DH_TILES:
             t = pid - N_DH_TILES
@@ -436,16 +403,13 @@ def _grad_kernel(lg_ptr, stride_l, lg_desc, lgt_desc, w_ptr, stride_w, wt_desc, 
                 if HAS_DB:
                     if pid_d == 0:
                         _dw_tile(pid_v, pid_d, chunk, lg_ptr, stride_l, lgt_desc, hc_ptr, stride_hc, hc_desc, rows_c, inv_m,
-                                 dw_ptr, stride_dw, db_ptr, lse2_ptr, tgc_ptr, V, D, True, USE_TMA, DOT_PREC, UPCAST,
-                                 DS_IN_GRAD, BM, BN, BK, EPI)
+                                 dw_ptr, stride_dw, db_ptr, V, D, True, USE_TMA, DOT_PREC, UPCAST, BM, BN, BK, EPI)
                     else:
                         _dw_tile(pid_v, pid_d, chunk, lg_ptr, stride_l, lgt_desc, hc_ptr, stride_hc, hc_desc, rows_c, inv_m,
-                                 dw_ptr, stride_dw, db_ptr, lse2_ptr, tgc_ptr, V, D, False, USE_TMA, DOT_PREC, UPCAST,
-                                 DS_IN_GRAD, BM, BN, BK, EPI)
+                                 dw_ptr, stride_dw, db_ptr, V, D, False, USE_TMA, DOT_PREC, UPCAST, BM, BN, BK, EPI)
                 else:
                     _dw_tile(pid_v, pid_d, chunk, lg_ptr, stride_l, lgt_desc, hc_ptr, stride_hc, hc_desc, rows_c, inv_m,
-                             dw_ptr, stride_dw, db_ptr, lse2_ptr, tgc_ptr, V, D, False, USE_TMA, DOT_PREC, UPCAST,
-                                 DS_IN_GRAD, BM, BN, BK, EPI)
+                             dw_ptr, stride_dw, db_ptr, V, D, False, USE_TMA, DOT_PREC, UPCAST, BM, BN, BK, EPI)
 
 
 def _final_kernel(csum_ptr, loss_rows_ptr, hit_rows_ptr, loss_ptr, acc_ptr, hmul_ptr, N, cap,
@@ -535,14 +499,11 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     tiles (dW: codebook x hidden x rows; dH: rows x hidden x codebook, hbm x hbn x gbk, 0 = gbm / gbn); ce_rows x ce_cols: block of the
     streaming softmax kernel; align: chunks hold a multiple of this many rows; use_tma: the logits kernel
     reads both operands through tensor descriptors (the hidden rows from the chunk's compact copy); grad_tma:
-    the gradient tiles read theirs through tensor descriptors; epi: dW epilogue (see ``_dw_tile``); ds_in_grad:
-    the gradient tiles make dS = softmax - onehot from the logits as they load them, instead of a streaming
-    pass writing it over the chunk.
+    the gradient tiles read theirs through tensor descriptors; epi: dW epilogue (see ``_dw_tile``).
     """
     if device.type == "cpu":  # interpreter: small tiles keep the tests fast and exercise the masks
         return dict(bm=16, bn=32, bk=16, gbm=16, gbn=32, gbk=16, hbm=0, hbn=0, ce_rows=4, ce_cols=32, warps=4,
-                    stages=1, gwarps=4, gstages=1, use_tma=False, grad_tma=False, align=16, epi=2,
-                    ds_in_grad=False)
+                    stages=1, gwarps=4, gstages=1, use_tma=False, grad_tma=False, align=16, epi=2)
     if dtype == torch.float32:
         cfg = dict(bm=64, bn=128, bk=32, gbm=64, gbn=128, gbk=32, warps=4, stages=3, gwarps=4, gstages=3)
     else:
@@ -554,7 +515,7 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     # the per-row pass: 4 rows x 2048 columns per program (session 15, H100, BEVT-B shape: 0.087 -> 0.070 ms
     # against 8 x 1024; 2 x 4096 0.072, 16 x 1024 0.081; benchmarks/results/masked_ce_rows_session15.json)
     cfg.update(hbm=0, hbn=0, ce_rows=4, ce_cols=min(2048, max(16, _p2(V))), use_tma=dtype != torch.float32, grad_tma=False,
-               align=128, epi=2, ds_in_grad=False)
+               align=128, epi=2)
     return cfg
 
 
@@ -689,21 +650,15 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
     psum = torch.empty((c_max, NT), device=dev, dtype=torch.float32)
     pidx = torch.empty((c_max, NT), device=dev, dtype=torch.int32)
     tlog = torch.empty(c_max, device=dev, dtype=torch.float32)
-    # ds_in_grad: the CE-rows kernel keeps the chunk as it is (no pass writing dS over it); the gradient tiles
-    # make dS from the logits, each row's lse and target as they load them
-    ds_in_grad = bool(cfg["ds_in_grad"]) and need_grad
-    lse2 = torch.empty(c_max, device=dev, dtype=torch.float32) if ds_in_grad else None
-    tgc = torch.empty(c_max, device=dev, dtype=torch.int32) if ds_in_grad else None
     grid1 = (triton.cdiv(c_max, bm) * triton.cdiv(V, bn),)
     RB, BC, GR = cfg["ce_rows"], cfg["ce_cols"], 16
-    n_cb = triton.cdiv(V, BC) if (need_grad and not ds_in_grad) else 1
+    n_cb = triton.cdiv(V, BC) if need_grad else 1
     grid2 = (triton.cdiv(c_max, RB) * n_cb,)
     n_dh_tiles = triton.cdiv(c_max, hbm) * triton.cdiv(D, hbn) if need_dh else 0
     n_dw_tiles = triton.cdiv(V, gbm) * triton.cdiv(D, gbn) if need_w else 0
     grad_args = (logits, v_pad, lg_desc, lgt_desc, w_c, w_c.stride(0), wt_desc, hc, D, hc_desc, idx, tab, csum,
-                 dh, D, dw, D, db, lse2, tgc, N, V, D)
+                 dh, D, dw, D, db, N, V, D)
     grad_kw = dict(H_BY_M=h_by_m, USE_TMA=grad_tma, EVEN_V=(V % gbk == 0), DOT_PREC=prec, UPCAST=upcast,
-                   DS_IN_GRAD=ds_in_grad,
                    BM=gbm, BN=gbn, BK=gbk, HBM=hbm, HBN=hbn, EPI=cfg["epi"], num_warps=cfg["gwarps"], num_stages=cfg["gstages"])
     split = [((n_dh_tiles,), True, False, n_dh_tiles), ((n_dw_tiles,), False, True, 0)]
     for c in range(n_chunks):
@@ -716,10 +671,9 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
                 bias if has_bias else None, logits, v_pad, t1, pmax, psum, pidx, tlog, V, D, c, NT,
                 HAS_BIAS=has_bias, USE_TMA=use_tma, EVEN_K=(D % bk == 0), DOT_PREC=prec, UPCAST=upcast, BM=bm,
                 BN=bn, BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"])
-        # 3. loss, hits, and dS in place (streaming) or the rows' lse for the gradient tiles
-        _ce_rows(grid2, dev, logits, v_pad, pmax, psum, pidx, tlog, t1, idx, tab, loss_rows, hit_rows, lse2, tgc, V,
-                 c, NT, n_cb, WRITE_GRAD=need_grad and not ds_in_grad, WRITE_LSE=ds_in_grad, RB=RB, BC=BC,
-                 NTB=_p2(NT), num_warps=4)
+        # 3. loss, hits, dS in place (streaming)
+        _ce_rows(grid2, dev, logits, v_pad, pmax, psum, pidx, tlog, t1, idx, tab, loss_rows, hit_rows, V, c, NT,
+                 n_cb, WRITE_GRAD=need_grad, RB=RB, BC=BC, NTB=_p2(NT), num_warps=4)
         if not need_grad:
             continue
         # 4. dH and dW tiles: one launch (dH first), or two when split

@@ -457,7 +457,7 @@ def test_config_file_that_cannot_be_read(capsys, tmp_path):
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
-    for source, msg in ((tmp_path / "missing.json", "no such file"),
+    for source, msg in ((tmp_path / "missing.json", "no such file"), ("", "no such file"),
                         (tmp_path / "empty", "is a folder without a config.json"),
                         (tmp_path / "binary.json", "cannot read it")):
         assert main(["finetune", "--config", str(source)]) == 2
