@@ -168,11 +168,10 @@ def main():
 
     # ------------------------------------------------------------------ 2. timing + memory
     # measured before and not paying (docs/kernels/masked_ce.md): use_tma False (the logits read H[idx]),
-    # grad_tma, bn 128 with 4 stages, split_grad, chunk_rows 3072 (over the memory target)
-    # measured before and not paying (docs/kernels/masked_ce.md): use_tma False (the logits read H[idx]),
     # grad_tma, bn 128 with 4 stages, split_grad, chunk_rows 3072 (over the memory target); session 15: dS made
-    # inside the gradient tiles (removed). Smaller dH tiles, the last measured variants:
-    variants = [("triton", {}), ("triton_dh_128x128", {"hbn": 128}), ("triton_dh_64x256", {"hbm": 64})]
+    # inside the gradient tiles (removed); session 16: logits statistics in the GEMM epilogue (removed),
+    # persistent logits launches, dW tiles of 128 x 128. The last measured variants:
+    variants = [("triton", {}), ("triton_rows2", {"ce_rows": 2}), ("triton_dh_64x256", {"hbm": 64})]
     if args.quick:
         variants = variants[:2]
     providers = [("ref_gather_first", run_ref), ("official_all_tokens", run_official)]

@@ -15,11 +15,10 @@ Design (docs/kernels/masked_ce.md has the measurements and the reasoning):
     1. ``_gather_kernel``: the chunk's hidden rows H[idx] copied into a compact buffer H_chunk (the logits'
        A operand, read through a tensor descriptor, and the dW tiles' B operand).
     2. ``_logits_kernel``: logits_CV = H_chunk @ W^T + b in the head's dtype, written to one chunk buffer of
-       C_max x V (the only large temporary); its epilogue also keeps, per row and 256-column tile, the max,
-       the sum of exp, the first argmax and the target's logit.
-    3. ``_ce_rows_kernel``: streaming, RB rows x BC columns per program: log-sum-exp from the tile
-       statistics, loss and hit per row, and (gradients wanted) the chunk overwritten with
-       ``softmax - onehot`` (dS).
+       C_max x V (the only large temporary).
+    3. ``_ce_rows_kernel``: streaming, RB whole rows per program in BC-column steps: an online pass for the
+       log-sum-exp and the first argmax, loss and hit per row, then (gradients wanted) a second pass that
+       overwrites the chunk with ``softmax - onehot`` (dS).
     4. ``_grad_kernel``: one launch with two kinds of tiles: dH tiles (dS_CV @ W_VD, scattered to the
        token rows of grad_hidden) first, because each is 4x longer, then dW tiles (dS^T @ H_chunk,
        accumulated over chunks in fp32; the first column of tiles also sums dS into db).
@@ -47,8 +46,8 @@ __all__ = ["masked_ce", "masked_ce_forward", "default_config", "chunk_bound", "i
            "config_override"]
 
 # the logits chunk's budget: C_max * V * element size stays within this. On top come the head weight cast
-# to the hidden dtype (V * D * 2 bytes: 16 MiB at 8192 x 1024), the compact rows of the chunk (C_max * D * 2)
-# and the tile statistics (C_max * ceil(V / 256) * 12): about 57 MiB in all at the BEVT-B shape.
+# to the hidden dtype (V * D * 2 bytes: 16 MiB at 8192 x 1024) and the compact rows of the chunk (C_max * D * 2):
+# about 57 MiB in all at the BEVT-B shape.
 CHUNK_BUDGET_BYTES = 36 * 2 ** 20
 
 
@@ -128,9 +127,9 @@ def _gather_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, hc_ptr, stride_hc, lg_ptr,
 
 
 def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, a_desc, w_ptr, stride_w, w_desc, b_ptr, out_ptr, stride_o,
-                   tgt_ptr, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, V, D, chunk, NT,
-                   HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
-                   UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   V, D, chunk, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
+                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
     """logits[i, v] = sum_d H[idx[r0 + i], d] * W[v, d] + b[v], for chunk rows i < count, in H's dtype.
 
     h_ptr: [N, D] hidden (row stride stride_h), its rows gathered through idx; or (USE_TMA) a_desc, a tensor
@@ -138,10 +137,8 @@ def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, a_desc, w_ptr, stride_w, w
     already in H's dtype; w_desc (USE_TMA): its descriptor with block [BN, BK]. b_ptr: [V] bias (any float
     dtype; it is rounded to H's dtype first, as F.linear in that dtype does). out_ptr: [C_max, *] logits
     chunk, row stride stride_o. Grid: ceil(C_max / BM) * ceil(V / BN), row-block major (one row block's tiles
-    run together).
-    Epilogue statistics of the rounded logits, per chunk row i and column tile j < NT = ceil(V / BN):
-    pmax/psum/pidx [C_max, NT] (max, sum of exp(x - max), first argmax) and tlog [C_max] (the logit of the
-    row's target, tgt_ptr [N], written by the one tile that holds it).
+    run together). A plain GEMM epilogue: the softmax statistics are the per-row pass's job (session 16: the
+    per-tile max, sum of exp, argmax and target logit here cost more than reading the rows once more there).
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(V, BN)
@@ -182,83 +179,56 @@ def _logits_kernel(h_ptr, stride_h, idx_ptr, tab_ptr, a_desc, w_ptr, stride_w, w
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_nl).to(out_ptr.dtype.element_ty).to(tl.float32)
         acc += bias[None, :]
-    xq = acc.to(out_ptr.dtype.element_ty)
-    n_ok = offs_n < V
     o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :]
-    tl.store(o_ptrs, xq, mask=m_ok[:, None] & n_ok[None, :])
-    # 4. row statistics of this tile, from the rounded values (the softmax sees what the reference sees),
-    #    in two column halves so that only half a tile of fp32 temporaries is live at a time
-    t = tl.load(tgt_ptr + hrow, mask=m_ok, other=-1).to(tl.int32)
-    q0, q1 = tl.split(tl.permute(tl.reshape(xq, (BM, 2, BN // 2)), (0, 2, 1)))
-    c0 = pid_n * BN + tl.arange(0, BN // 2)
-    x = tl.where(c0[None, :] < V, q0.to(tl.float32), -float("inf"))
-    m0 = tl.max(x, axis=1)
-    s0 = tl.sum(tl.exp(x - m0[:, None]), axis=1)
-    a0 = tl.argmax(x, axis=1) + pid_n * BN
-    tv = tl.sum(tl.where(c0[None, :] == t[:, None], x, 0.0), axis=1)
-    c1 = c0 + BN // 2
-    x = tl.where(c1[None, :] < V, q1.to(tl.float32), -float("inf"))
-    m1 = tl.max(x, axis=1)
-    s1 = tl.where(m1 > -float("inf"), tl.sum(tl.exp(x - m1[:, None]), axis=1), 0.0)  # all-padding half
-    a1 = tl.argmax(x, axis=1) + pid_n * BN + BN // 2
-    tv += tl.sum(tl.where(c1[None, :] == t[:, None], x, 0.0), axis=1)
-    tmax = tl.maximum(m0, m1)
-    tsum = s0 * tl.exp(m0 - tmax) + s1 * tl.exp(m1 - tmax)
-    targ = tl.where(m1 > m0, a1, a0)
-    st = offs_m.to(tl.int64) * NT + pid_n
-    tl.store(pmax_ptr + st, tmax, mask=m_ok)
-    tl.store(psum_ptr + st, tsum, mask=m_ok)
-    tl.store(pidx_ptr + st, targ, mask=m_ok)
-    tl.store(tlog_ptr + offs_m, tv, mask=m_ok & (t >= pid_n * BN) & (t < pid_n * BN + BN) & (t < V))
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < V))
 
 
-def _ce_rows_kernel(lg_ptr, stride_l, pmax_ptr, psum_ptr, pidx_ptr, tlog_ptr, tgt_ptr, idx_ptr, tab_ptr, loss_ptr,
-                    hit_ptr, V, chunk, NT, N_CB, WRITE_GRAD: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr,
-                    NTB: tl.constexpr):
-    """Loss and hits per row from the tile statistics; dS = softmax - onehot over the chunk (streaming).
+def _ce_rows_kernel(lg_ptr, stride_l, tgt_ptr, idx_ptr, tab_ptr, loss_ptr, hit_ptr, V, chunk,
+                    WRITE_GRAD: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
+    """Loss, hit and dS = softmax - onehot for RB whole rows of the chunk per program, from the logits alone.
 
-    RB rows x BC columns per program (N_CB column blocks per row block). Each combines the NT tile statistics
-    of its rows (pmax/psum/pidx [C_max, NT], tlog [C_max]) into the log-sum-exp; the programs of column
-    block 0 write loss_ptr / hit_ptr [N] at the rows' masked index r0 + i (loss NaN for a target outside
-    [0, V)); with WRITE_GRAD each program overwrites its block of the logits chunk lg_ptr [C_max, *] with
-    exp(x - lse) - onehot.
+    Two sweeps over the row block in BC-column steps: the first keeps the running max, the sum of exp and the
+    first argmax (online), the second (WRITE_GRAD) overwrites the chunk lg_ptr [C_max, *] with
+    exp(x - lse) - onehot; the row block is read twice, the second time mostly from L2. The target's logit is
+    one load per row. loss_ptr / hit_ptr [N] are written at the rows' masked index r0 + i (loss NaN for a
+    target outside [0, V)).
     """
     pid = tl.program_id(0)
     r0 = tl.load(tab_ptr + 2 * chunk)
     rows_c = tl.load(tab_ptr + 2 * chunk + 1)
-    rb = pid // N_CB
-    cb = pid % N_CB
-    if rb * RB < rows_c:
-        rows = rb * RB + tl.arange(0, RB)
+    if pid * RB < rows_c:
+        rows = pid * RB + tl.arange(0, RB)
         r_ok = rows < rows_c
-        rows64 = rows.to(tl.int64)
-        # 1. log-sum-exp from the tile statistics
-        j = tl.arange(0, NTB)
-        s_ok = r_ok[:, None] & (j[None, :] < NT)
-        sp = rows64[:, None] * NT + j[None, :]
-        pm = tl.load(pmax_ptr + sp, mask=s_ok, other=-float("inf"))
-        ps = tl.load(psum_ptr + sp, mask=s_ok, other=0.0)
-        m = tl.max(pm, axis=1)
-        m_safe = tl.where(r_ok, m, 0.0)
-        lse = m_safe + tl.log(tl.sum(ps * tl.exp(pm - m_safe[:, None]), axis=1))
+        base = lg_ptr + rows.to(tl.int64)[:, None] * stride_l
+        m = tl.full((RB,), -float("inf"), tl.float32)
+        s = tl.zeros((RB,), tl.float32)
+        am = tl.zeros((RB,), tl.int32)
+        for c0 in range(0, V, BC):
+            cols = c0 + tl.arange(0, BC)
+            x = tl.load(base + cols[None, :], mask=r_ok[:, None] & (cols[None, :] < V), other=-float("inf"))
+            x = x.to(tl.float32)
+            bm = tl.max(x, axis=1)
+            bi = tl.min(tl.where(x == bm[:, None], cols[None, :], V), axis=1)  # first argmax of the block
+            m_new = tl.maximum(m, bm)
+            m_ref = tl.where(m_new > -float("inf"), m_new, 0.0)  # rows past the count: no inf - inf
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
+            am = tl.where(bm > m, bi, am)  # strictly greater: an earlier block keeps a tie
+            m = m_new
+        lse = tl.where(r_ok, m + tl.log(s), 0.0)
         tok = tl.load(idx_ptr + r0 + rows, mask=r_ok, other=0).to(tl.int64)
         t = tl.load(tgt_ptr + tok, mask=r_ok, other=-1).to(tl.int32)
-        # 2. loss and hit (first tile reaching the max holds the first argmax)
-        if cb == 0:
-            jf = tl.min(tl.where(pm == m[:, None], j[None, :], NTB), axis=1)
-            am = tl.load(pidx_ptr + rows64 * NT + jf, mask=r_ok & (jf < NT), other=-1)
-            t_ok = (t >= 0) & (t < V)
-            xt = tl.load(tlog_ptr + rows, mask=r_ok & t_ok, other=0.0)
-            tl.store(loss_ptr + r0 + rows, tl.where(t_ok, lse - xt, float("nan")), mask=r_ok)
-            tl.store(hit_ptr + r0 + rows, (am == t).to(tl.int32), mask=r_ok)
-        # 3. dS = softmax - onehot, in place
+        t_ok = (t >= 0) & (t < V)
+        xt = tl.load(base + tl.where(t_ok, t, 0)[:, None], mask=(r_ok & t_ok)[:, None], other=0.0)
+        xt = tl.sum(xt.to(tl.float32), axis=1)
+        tl.store(loss_ptr + r0 + rows, tl.where(t_ok, lse - xt, float("nan")), mask=r_ok)
+        tl.store(hit_ptr + r0 + rows, (am == t).to(tl.int32), mask=r_ok)
         if WRITE_GRAD:
-            cols = cb * BC + tl.arange(0, BC)
-            ok = r_ok[:, None] & (cols[None, :] < V)
-            ptrs = lg_ptr + rows64[:, None] * stride_l + cols[None, :]
-            x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
-            tl.store(ptrs, g.to(lg_ptr.dtype.element_ty), mask=ok)
+            for c0 in range(0, V, BC):
+                cols = c0 + tl.arange(0, BC)
+                ok = r_ok[:, None] & (cols[None, :] < V)
+                x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
+                tl.store(base + cols[None, :], g.to(lg_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -496,8 +466,8 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     """Launch settings per device kind and dtype (data; override with :func:`config_override`).
 
     bm/bn/bk, warps, stages: logits tiles (rows x codebook x hidden); gbm/gbn/gbk, gwarps, gstages: gradient
-    tiles (dW: codebook x hidden x rows; dH: rows x hidden x codebook, hbm x hbn x gbk, 0 = gbm / gbn); ce_rows x ce_cols: block of the
-    streaming softmax kernel; align: chunks hold a multiple of this many rows; use_tma: the logits kernel
+    tiles (dW: codebook x hidden x rows; dH: rows x hidden x codebook, hbm x hbn x gbk, 0 = gbm / gbn); ce_rows x ce_cols: rows per
+    program and column step of the streaming softmax kernel; align: chunks hold a multiple of this many rows; use_tma: the logits kernel
     reads both operands through tensor descriptors (the hidden rows from the chunk's compact copy); grad_tma:
     the gradient tiles read theirs through tensor descriptors; epi: dW epilogue (see ``_dw_tile``).
     """
@@ -512,9 +482,10 @@ def default_config(device: torch.device, dtype: torch.dtype, D: int, V: int) -> 
     cfg["bk"] = min(cfg["bk"], max(16, _p2(D)))
     cfg["gbn"] = min(cfg["gbn"], max(16, _p2(D)))
     cfg["gbk"] = min(cfg["gbk"], max(16, _p2(V)))
-    # the per-row pass: 4 rows x 2048 columns per program (session 15, H100, BEVT-B shape: 0.087 -> 0.070 ms
-    # against 8 x 1024; 2 x 4096 0.072, 16 x 1024 0.081; benchmarks/results/masked_ce_rows_session15.json)
-    cfg.update(hbm=0, hbn=0, ce_rows=4, ce_cols=min(2048, max(16, _p2(V))), use_tma=dtype != torch.float32, grad_tma=False,
+    # the per-row pass: one row per program in 2048-column steps (session 16, H100, BEVT-B shape, fwd + bwd
+    # 0.946-0.953 ms; 2 rows 0.956, 2 x 1024 0.951-0.963, 1 x 4096 0.953-0.957, 2 x 4096 0.969, 8 x 1024
+    # 1.001; benchmarks/results/masked_ce_session16.json)
+    cfg.update(hbm=0, hbn=0, ce_rows=1, ce_cols=min(2048, max(16, _p2(V))), use_tma=dtype != torch.float32, grad_tma=False,
                align=128, epi=2)
     return cfg
 
@@ -645,15 +616,9 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
         lgt_desc = TensorDescriptor(logits, [c_max, V], [v_pad, 1], [gbk, gbm])
         if need_w:
             hc_desc = TensorDescriptor.from_tensor(hc, [gbk, gbn])
-    NT = triton.cdiv(V, bn)  # column tiles of the logits: statistics per (row, tile)
-    pmax = torch.empty((c_max, NT), device=dev, dtype=torch.float32)
-    psum = torch.empty((c_max, NT), device=dev, dtype=torch.float32)
-    pidx = torch.empty((c_max, NT), device=dev, dtype=torch.int32)
-    tlog = torch.empty(c_max, device=dev, dtype=torch.float32)
     grid1 = (triton.cdiv(c_max, bm) * triton.cdiv(V, bn),)
     RB, BC, GR = cfg["ce_rows"], cfg["ce_cols"], 16
-    n_cb = triton.cdiv(V, BC) if need_grad else 1
-    grid2 = (triton.cdiv(c_max, RB) * n_cb,)
+    grid2 = (triton.cdiv(c_max, RB),)
     n_dh_tiles = triton.cdiv(c_max, hbm) * triton.cdiv(D, hbn) if need_dh else 0
     n_dw_tiles = triton.cdiv(V, gbm) * triton.cdiv(D, gbn) if need_w else 0
     grad_args = (logits, v_pad, lg_desc, lgt_desc, w_c, w_c.stride(0), wt_desc, hc, D, hc_desc, idx, tab, csum,
@@ -666,14 +631,14 @@ def masked_ce_forward(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Te
         if hc is not None:
             _gather((triton.cdiv(c_max, GR),), dev, h2, h2.stride(0), idx, tab, hc, D, logits, v_pad, c_max, V, D,
                     c, ZERO_LG=need_w, GR=GR, BD=min(256, _p2(max(D, 16))), ZB=gbk, num_warps=4)
-        # 2. logits of the chunk's rows and their tile statistics
+        # 2. logits of the chunk's rows
         _logits(grid1, dev, h2, h2.stride(0), idx, tab, a_desc, w_c, w_c.stride(0), w_desc,
-                bias if has_bias else None, logits, v_pad, t1, pmax, psum, pidx, tlog, V, D, c, NT,
-                HAS_BIAS=has_bias, USE_TMA=use_tma, EVEN_K=(D % bk == 0), DOT_PREC=prec, UPCAST=upcast, BM=bm,
-                BN=bn, BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"])
-        # 3. loss, hits, dS in place (streaming)
-        _ce_rows(grid2, dev, logits, v_pad, pmax, psum, pidx, tlog, t1, idx, tab, loss_rows, hit_rows, V, c, NT,
-                 n_cb, WRITE_GRAD=need_grad, RB=RB, BC=BC, NTB=_p2(NT), num_warps=4)
+                bias if has_bias else None, logits, v_pad, V, D, c, HAS_BIAS=has_bias, USE_TMA=use_tma,
+                EVEN_K=(D % bk == 0), DOT_PREC=prec, UPCAST=upcast, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"],
+                num_stages=cfg["stages"])
+        # 3. log-sum-exp, loss and hit per row; dS in place (streaming)
+        _ce_rows(grid2, dev, logits, v_pad, t1, idx, tab, loss_rows, hit_rows, V, c, WRITE_GRAD=need_grad, RB=RB,
+                 BC=BC, num_warps=4)
         if not need_grad:
             continue
         # 4. dH and dW tiles: one launch (dH first), or two when split

@@ -226,11 +226,33 @@ def test_triton_all_masked_and_two_dim_hidden():
 @pytest.mark.parametrize("cfg", [dict(use_tma=True), dict(use_tma=False), dict(use_tma=True, grad_tma=True),
                                  dict(split_grad=True), dict(epi=0), dict(epi=1),
                                  dict(hbm=32, hbn=16), dict(hbn=16, grad_tma=True, use_tma=True),
-                                 dict(ce_rows=2, ce_cols=128)])
+                                 dict(ce_rows=2, ce_cols=128), dict(ce_rows=1, ce_cols=16)])
 def test_triton_variants(cfg):
     h, mask, w, b, t = make(2, 37, 32, 100, dtype=torch.bfloat16, seed=5)
     with KERN.config_override(**cfg):
         check_against_reference(h, mask, w, b, t, g=1.5, tri=lambda *a: KERN.masked_ce(*a, chunk_rows=16))
+
+
+@needs_triton
+@pytest.mark.parametrize("ce_cols", [16, 128])
+def test_triton_accuracy_takes_the_first_of_tied_maxima(ce_cols):
+    """Codebook entries 10, 12 and 70 give every masked row the same top logit (70 in another column step of
+    the streaming pass when ce_cols is 16): only a target of 10 counts as a hit, as with torch.argmax."""
+    h, mask, w, b, t = make(2, 24, 16, 100, p=1.0, seed=7)
+    h, w = h * 0.1, w * 0.1
+    h[..., 0], w[:, 0] = 3.0, 0.0
+    for v in (10, 12, 70):  # the same logit, 6, far above the rest
+        w[v] = 0.0
+        w[v, 0], b[v] = 2.0, 0.0
+    t[0, :] = 10
+    t[1, :] = torch.tensor([12, 70] * 12)
+    with KERN.config_override(ce_rows=2, ce_cols=ce_cols):
+        loss, acc = KERN.masked_ce(h, mask, w, b, t)
+    logits = h.float() @ w.t() + b
+    am = logits.argmax(-1)
+    assert bool((logits.gather(-1, am[..., None]).squeeze(-1) == logits[..., 10]).all()), "setup: 10 is a top logit"
+    ref_loss, ref_acc = masked_ce_ref(h, mask, w, b, t)
+    assert acc.item() == pytest.approx(ref_acc.item()) and abs(loss.item() - ref_loss.item()) < 1e-4
 
 
 @needs_triton
