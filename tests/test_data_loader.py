@@ -135,6 +135,22 @@ def test_skipped_files_reach_the_loader_from_workers(broken_videos):
     assert fresh.skipped_files == sorted(bad)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_unreadable_file_is_warned_once_per_run(broken_videos, num_workers):
+    """Two epochs: with persistent workers, each worker used to warn about each bad file it met (in its own
+    process). The workers are now silent and the loader warns from this process, once per file."""
+    items, bad = broken_videos
+    ds = VideoClipDataset(items, **VIDEO_KW, seed=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with TorchLoader(ds, 2, num_workers=num_workers, seed=0, drop_last=False) as loader:
+            for _ in range(2):
+                list(loader)
+    warned = [str(w.message) for w in record if issubclass(w.category, SkippedFileWarning)]
+    assert sorted(m.split("skipping unreadable file ")[1].split(": ")[0] for m in warned) == sorted(bad), warned
+    assert all(m.split(": ", 1)[1] for m in warned)  # every warning gives a reason
+
+
 def test_a_broken_dataset_in_worker_processes_is_one_clear_error(tmp_path):
     """Raised in a worker, the error reaches the caller as the same type with the worker's one-line message
     (torch would wrap it in the worker's traceback), so the training command prints one line and exits 2."""
@@ -152,6 +168,7 @@ def test_a_broken_dataset_in_worker_processes_is_one_clear_error(tmp_path):
                 next(iter(loader))
     msg = str(info.value)
     assert msg.startswith("4 files in a row could not be read") and "junk" in msg, msg
+    assert f"{items[0].path}: " in msg and msg.endswith("and 1 more); the dataset looks broken"), msg  # reasons
     assert "Traceback" not in msg and "\n" not in msg and isinstance(info.value, ValueError)
 
 

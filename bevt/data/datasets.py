@@ -18,13 +18,15 @@ mode           video (:class:`VideoClipDataset`)  images (:class:`ImageDataset`)
 ``test``       ``video`` (V, 3, T, S, S)          ``images`` (3, S, S)
 =============  ==============================  ========================================================
 
-and in every mode ``label`` (int64), ``index`` (int64, the index asked for) and ``skipped`` (a list of
-the paths that could not be read while producing this sample; the loader removes it from the batch and
-aggregates it).
+and in every mode ``label`` (int64), ``index`` (int64, the index asked for), ``skipped`` (a list of
+the paths that could not be read while producing this sample) and ``skip_reasons`` (why, one string per
+path); the loader removes the two lists from the batch and aggregates them.
 
-A missing, empty, truncated or corrupt file never stops a run: the dataset warns once per file (a
-:class:`SkippedFileWarning` naming the file and the reason) and returns the next index that reads
-instead, deterministically, so the batch keeps its size.
+A missing, empty, truncated or corrupt file never stops a run: a :class:`SkippedFileWarning` names the
+file and the reason, once per file, and the dataset returns the next index that reads instead,
+deterministically, so the batch keeps its size. Used directly, the dataset warns itself; in the worker
+processes of a :class:`~bevt.data.loader.TorchLoader` it stays silent and the loader warns from the main
+process, so a file is reported once per run, not once per worker.
 """
 from __future__ import annotations
 
@@ -217,6 +219,7 @@ class _SkippingDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.max_skips = int(max_skips)
         self._warned: set[str] = set()  # per process: warn once per file
+        self.warn_skips = True  # False in a loader's workers: the loader reports skips from the main process
 
     def __len__(self) -> int:
         return len(self.items)
@@ -239,6 +242,7 @@ class _SkippingDataset(torch.utils.data.Dataset):
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n}")
         skipped: list[str] = []
+        reasons: list[str] = []
         # Try the index asked for, then the next ones (wrapping): a pure function of the key, so every
         # worker substitutes the same sample. Failures are re-detected each time rather than remembered,
         # which keeps the result independent of what this worker happened to read before.
@@ -250,16 +254,20 @@ class _SkippingDataset(torch.utils.data.Dataset):
             except MediaReadError as e:
                 self._warn(item.path, e.reason)
                 skipped.append(item.path)
+                reasons.append(e.reason)
                 continue
             out["label"] = torch.tensor(item.label, dtype=torch.int64)
             out["index"] = torch.tensor(index, dtype=torch.int64)
             out["skipped"] = skipped
+            out["skip_reasons"] = reasons
             return out
+        shown = "; ".join(f"{p}: {r}" for p, r in list(zip(skipped, reasons))[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         raise BrokenDatasetError(f"{len(skipped)} files in a row could not be read, starting at index {index} "
-                                 f"({skipped[0]}); the dataset looks broken (see the warnings above)")
+                                 f"({shown}{more}); the dataset looks broken")
 
     def _warn(self, path: str, reason: str) -> None:
-        if path not in self._warned:
+        if self.warn_skips and path not in self._warned:
             self._warned.add(path)
             warnings.warn(f"skipping unreadable file {path}: {reason}", SkippedFileWarning, stacklevel=3)
 

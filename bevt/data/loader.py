@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bevt.data.datasets import ImageDataset, VideoClipDataset
+from bevt.data.datasets import ImageDataset, SkippedFileWarning, VideoClipDataset
 
 __all__ = ["Loader", "TorchLoader", "collate", "cycle", "build_loader", "DECODERS"]
 
@@ -109,11 +109,14 @@ def cycle(loader: Loader) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
+_SKIP_KEYS = ("skipped", "skip_reasons")  # per-sample lists of the unreadable files and why
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack the tensors of a list of sample dicts; concatenate their ``skipped`` path lists."""
+    """Stack the tensors of a list of sample dicts; concatenate their ``skipped`` / ``skip_reasons`` lists."""
     out = {}
     for key in samples[0]:
-        if key == "skipped":
+        if key in _SKIP_KEYS:
             out[key] = [p for s in samples for p in s[key]]
         else:
             out[key] = torch.stack([s[key] for s in samples])
@@ -126,6 +129,11 @@ def _init_worker(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
+    # This worker's copy of the dataset stays silent about unreadable files: the loader warns once per file
+    # from the main process (each worker warning on its own repeated a file once per worker that met it).
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "warn_skips"):
+        info.dataset.warn_skips = False
     # Ctrl-C and a scheduler's SIGTERM reach every process of the job. The main process answers them: the
     # training loop finishes its step and writes a checkpoint (bevt.train.loop.StopRequests), and under
     # torchrun that takes up to run.log_every more steps. A worker that died of the signal first would break
@@ -255,14 +263,19 @@ class TorchLoader(Loader):
         if self._closed:
             raise RuntimeError("this loader was closed")
         self._sampler.epoch, self._sampler.start_batch = self._epoch, self._position
-        # Workers forked / pickled from here will not warn again about files already reported.
-        if hasattr(self.dataset, "_warned"):
+        # Without workers the dataset warns itself (once per file): it learns the files already reported.
+        if self.num_workers == 0 and hasattr(self.dataset, "_warned"):
             self.dataset._warned.update(self._skipped)
         if self._position < len(self):
             for batch in self._dl:
-                skipped = batch.pop("skipped", None)
-                if skipped:
-                    self._skipped.update(skipped)
+                skipped = batch.pop("skipped", None) or []
+                reasons = batch.pop("skip_reasons", None) or [""] * len(skipped)
+                for path, reason in zip(skipped, reasons):
+                    if path not in self._skipped:
+                        self._skipped.add(path)
+                        if self.num_workers > 0:  # the workers are silent (see _init_worker)
+                            warnings.warn(f"skipping unreadable file {path}: {reason}", SkippedFileWarning,
+                                          stacklevel=2)
                 # Counted before handing it out: a state_dict taken while the caller holds batch k
                 # resumes at batch k + 1.
                 self._position += 1
