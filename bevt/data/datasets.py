@@ -206,6 +206,12 @@ def _as_items(items, extensions) -> list[Sample]:
 # Shared machinery: per-sample RNG, skipping unreadable files
 # ----------------------------------------------------------------------------------------------------
 
+def warn_skipped(path: str, reason: str, stacklevel: int = 2) -> None:
+    """The one warning for an unreadable file (by the dataset itself, or by the loader for its workers)."""
+    warnings.warn(f"skipping unreadable file {path}" + (f": {reason}" if reason else ""), SkippedFileWarning,
+                  stacklevel=stacklevel)
+
+
 class _SkippingDataset(torch.utils.data.Dataset):
     """Keys, per-sample RNG and the skip-and-substitute logic shared by the video and image datasets."""
 
@@ -269,7 +275,7 @@ class _SkippingDataset(torch.utils.data.Dataset):
     def _warn(self, path: str, reason: str) -> None:
         if self.warn_skips and path not in self._warned:
             self._warned.add(path)
-            warnings.warn(f"skipping unreadable file {path}: {reason}", SkippedFileWarning, stacklevel=3)
+            warn_skipped(path, reason, stacklevel=4)
 
     def _load(self, item: Sample, rng: np.random.Generator) -> dict:
         raise NotImplementedError

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bevt.data.datasets import ImageDataset, SkippedFileWarning, VideoClipDataset
+from bevt.data.datasets import ImageDataset, VideoClipDataset, warn_skipped
 
 __all__ = ["Loader", "TorchLoader", "collate", "cycle", "build_loader", "DECODERS"]
 
@@ -274,8 +274,7 @@ class TorchLoader(Loader):
                     if path not in self._skipped:
                         self._skipped.add(path)
                         if self.num_workers > 0:  # the workers are silent (see _init_worker)
-                            warnings.warn(f"skipping unreadable file {path}: {reason}", SkippedFileWarning,
-                                          stacklevel=2)
+                            warn_skipped(path, reason, stacklevel=3)
                 # Counted before handing it out: a state_dict taken while the caller holds batch k
                 # resumes at batch k + 1.
                 self._position += 1
