@@ -60,6 +60,12 @@ class Config:
     fwd_programs: int = 4096
     dq_programs: int = 4096
     db_programs: int = 256  # (the bias-gradient kernel's ranges also set how many partials exist)
+    # ... and where masked tiles are skipped along D (shifted blocks with two or more windows along D:
+    # fine-tuning's 32-frame clips), the separated tile pairs have no work in the suffix of the window order
+    # (the last windows along D), so two ranges leave half their programs idle. Session 17 (H100, ft_stage1
+    # shifted, fwd + bwd, graph): target 256 2.76 ms, 512 2.67, 1024 2.64, 2048 2.60, 4096-16384 2.60
+    # (the partials' byte cap); the pretraining stages, which have nothing to skip, keep 256 (2048: +2-7 %)
+    db_programs_skipping: int = 2048
     kv_programs: int = 4096
     dbp_max_bytes: int = 64 << 20  # cap of the bias-gradient partials (fewer ranges if exceeded)
     # skip the tiles the shift mask along D leaves fully masked (``_live_tiles``): a third of the tiles of the last
@@ -91,7 +97,8 @@ class Config:
 
 GPU_CONFIG = Config()
 # the interpreter runs programs one by one in numpy: small tiles exercise the tail logic at little cost
-INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, kv_programs=1, win_programs=1)
+INTERPRETER_CONFIG = Config(fwd_programs=1, dq_programs=1, db_programs=1, db_programs_skipping=1, kv_programs=1,
+                            win_programs=1)
 _config_override: Config | None = None
 
 
@@ -162,6 +169,11 @@ class _Geo:
     def table_rows(self) -> int:
         td, th, tw = self.ts
         return (2 * td - 1) * (2 * th - 1) * (2 * tw - 1)
+
+    @property
+    def skips_tiles(self) -> bool:
+        """The mask along D splits the last window along D, and there are windows before it (``_live_tiles``)."""
+        return self.ms[0] > 0 and self.nwin[0] > 1
 
     def shifts(self) -> dict:
         """The mask shift along D (the skipping of masked tiles needs it): a run-time argument (shifted and
@@ -396,7 +408,8 @@ def launch_specs(geo: _Geo, tokens: bool, dtype: torch.dtype, big: bool, cfg: Co
     nqp, nkp = nqf * cfg.db_bm + bmt, nkf * cfg.db_bn + bnt
     per_range = nqt * nkt * geo.nh
     max_ranges = max(1, cfg.dbp_max_bytes // (geo.nh * nqp * nkp * 4))
-    wpp = _windows_per_program(geo.bw, per_range, min(cfg.db_programs, max_ranges * per_range))
+    db_target = cfg.db_programs_skipping if (cfg.skip_masked_tiles and geo.skips_tiles) else cfg.db_programs
+    wpp = _windows_per_program(geo.bw, per_range, min(db_target, max_ranges * per_range))
     ranges = geo.bw // wpp
     specs["db"] = LaunchSpec(_k._bwd_dbias_kernel, (ranges * per_range,),
                              dict(common, **skip, WPP=wpp, NQP=nqp, NKP=nkp, BM=cfg.db_bm, NQF=nqf, BMT=bmt, NQT=nqt,

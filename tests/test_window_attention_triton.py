@@ -161,6 +161,26 @@ def test_one_tile_windows_backward(one_tile, grid):
         check_tokens(4, grid, 2, 16, (1, 7, 7), (0, 3, 3), (3, 7, 7), (0, 3, 3))
 
 
+@pytest.mark.skipif(KERN is None, reason="triton is not installed")
+def test_bias_partials_take_more_ranges_where_tiles_are_skipped():
+    """Fine-tuning's shifted blocks (two windows along D) skip tiles in the last windows along D, which form the
+    suffix of the window order, so the bias-partials kernel splits the windows into more ranges there
+    (Config.db_programs_skipping) than in blocks with nothing to skip (Config.db_programs)."""
+    qkv = torch.empty(8, 16, 56, 56, 3, 4, 32, dtype=torch.bfloat16, device="meta")
+    cfg = KERN.Config()  # the GPU defaults
+    ranges = {}
+    for name, ss in (("shifted", (4, 3, 3)), ("unshifted", (0, 0, 0))):
+        geo = KERN._tokens_geo(qkv, (8, 7, 7), ss, (8, 7, 7), ss)
+        assert geo.skips_tiles == (name == "shifted")
+        ranges[name] = KERN.launch_specs(geo, True, qkv.dtype, False, cfg)["db"].facts["ranges"]
+    per_range = 7 * 7 * 4  # (query tile, key tile, head) programs per range at 64-token tiles
+    assert ranges["unshifted"] == -(-cfg.db_programs // per_range)
+    assert ranges["shifted"] >= cfg.db_programs_skipping // per_range > ranges["unshifted"]
+    no_skip = KERN.Config(skip_masked_tiles=False)
+    geo = KERN._tokens_geo(qkv, (8, 7, 7), (4, 3, 3), (8, 7, 7), (4, 3, 3))
+    assert KERN.launch_specs(geo, True, qkv.dtype, False, no_skip)["db"].facts["ranges"] == ranges["unshifted"]
+
+
 @needs_triton
 def test_bias_gradient_over_several_ranges():
     """Two tiles per window and several ranges of windows: the partials are summed over the ranges first."""
@@ -225,7 +245,7 @@ def test_a_non_finite_token_stays_in_its_window():
 # masks and a padded grid.
 MASKED_TILE_CASES = {
     "tail_split_20": ((8, 2, 5), (4, 2, 5), (2, 0, 0), 1),
-    "split_32_of_48_several_ranges": ((11, 2, 4), (6, 2, 4), (2, 0, 0), 3),
+    "split_32_of_48_several_ranges": ((11, 2, 4), (6, 2, 4), (2, 0, 0), 18),  # 9 programs per range
     "split_32_with_hw_masks_padded": ((7, 5, 7), (4, 4, 4), (2, 2, 2), 3),
 }
 
@@ -238,11 +258,13 @@ def test_tiles_masked_by_the_depth_shift_are_skipped(case):
     grid, ws, ss, db_programs = MASKED_TILE_CASES[case]
     qkv = torch.empty(2, *grid, 3, 1, 16, device=DEV, dtype=torch.bfloat16)
     geo = KERN._tokens_geo(qkv, ws, ss, ws, ss)
-    with tiles(**SIXTEEN, db_programs=db_programs):
+    ranges = dict(db_programs=db_programs, db_programs_skipping=db_programs)
+    with tiles(**SIXTEEN, **ranges):
         specs = KERN.launch_specs(geo, True, qkv.dtype, False, KERN._config(qkv.device, geo.n))
         assert all(specs[k].constexprs["SKIP"] == 1 for k in ("fwd", "dq", "db", "dkdv"))
+        assert (specs["db"].facts["ranges"] > 1) == ("several_ranges" in case)
         skipped = check_tokens(2, grid, 1, 16, ws, ss, ws, seed=11)
-    with tiles(**SIXTEEN, db_programs=db_programs, skip_masked_tiles=False):
+    with tiles(**SIXTEEN, **ranges, skip_masked_tiles=False):
         qkv, table, kvp, do = make(2, grid, 1, 16, ws, torch.bfloat16, seed=11)
         every_tile = run_tokens(qkv, table, kvp, do, "triton", window_size=ws, shift_size=ss, table_window_size=ws,
                                 mask_shift_size=ss)
