@@ -163,7 +163,7 @@ def run(args) -> int:
     if getattr(args, "recipes", False):
         from bevt.recipes import RECIPES as PRETRAIN
         from bevt.train.finetune import RECIPES as FINETUNE
-        from bevt.train.pretrain import print_recipes
+        from bevt.train.job import print_recipes
 
         for i, (command, recipes) in enumerate((("bevt pretrain", PRETRAIN), ("bevt finetune", FINETUNE))):
             print(f"{chr(10) if i else ''}{command} --recipe NAME  ({recipes.job})")

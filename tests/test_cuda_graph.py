@@ -12,7 +12,7 @@ import torch.nn as nn
 from bevt.config import ConfigError, RunConfig
 from bevt.train.cuda_graph import GraphedStep
 from bevt.train.distributed import DistInfo
-from bevt.train.pretrain import check_cuda_graph, speed_hint
+from bevt.train.job import check_cuda_graph, speed_hint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 

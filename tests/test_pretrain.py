@@ -560,7 +560,7 @@ def test_second_signal_stops_at_once_in_one_process_and_is_ignored_under_torchru
 def test_run_job_exit_code_of_a_stopped_run():
     from types import SimpleNamespace
 
-    from bevt.train.pretrain import run_job
+    from bevt.train.job import run_job
 
     args = SimpleNamespace(recipe="default", config=None, overrides=[], print_config=False, resume=None,
                            list_recipes=False)

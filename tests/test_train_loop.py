@@ -158,7 +158,7 @@ def test_cli_reports_a_diverged_run_with_exit_code_1(capsys):
 
     from bevt.recipes import RECIPES
     from bevt.train.loop import TrainingDiverged
-    from bevt.train.pretrain import run_job
+    from bevt.train.job import run_job
 
     def job(cfg, resume):
         raise TrainingDiverged("training diverged by step 7 (loss=nan): ...")

@@ -245,7 +245,7 @@ def load_classifier(checkpoint: str, cfg, *, device: torch.device | str = "cpu",
 def resolve_list(cfg, list_path: str | None) -> str:
     """The list to evaluate: ``list_path`` (as given if it exists, else under data.root), or the config's
     test list (empty: its val list)."""
-    from bevt.train.pretrain import data_path
+    from bevt.train.job import data_path
 
     if list_path:
         return list_path if os.path.exists(list_path) else data_path(cfg.data.root, list_path)
@@ -257,7 +257,7 @@ def build_eval_loader(cfg, list_path: str, views: str = "test", *, rank: int = 0
     """A test-mode loader over ``list_path`` with ``views`` (``test`` or ``val``), in list order."""
     from bevt.data.loader import build_loader
     from bevt.train.finetune import dataset_kwargs
-    from bevt.train.pretrain import data_path, list_items
+    from bevt.train.job import data_path, list_items
 
     if views not in VIEW_KINDS:
         raise ValueError(f"views must be one of {VIEW_KINDS}, got {views!r}")
@@ -289,7 +289,7 @@ def check_output_folder(out_dir: str, result_file: str = "results.json", overwri
     """Before an evaluation runs (minutes to hours): ``--out`` must name a folder that can be created or
     written, so that the results are not lost at the end, and must not hold an earlier evaluation's
     ``result_file`` unless ``overwrite``: a second evaluation would replace it without a word."""
-    from bevt.train.pretrain import unwritable_folder
+    from bevt.train.job import unwritable_folder
 
     problem = unwritable_folder(out_dir)
     if problem:
@@ -324,7 +324,7 @@ def evaluate(checkpoint: str, cfg=None, *, list_path: str | None = None, views: 
     """
     from bevt.train.distributed import cleanup
     from bevt.train.finetune import resolve_classes
-    from bevt.train.pretrain import setup_runtime
+    from bevt.train.job import setup_runtime
 
     if cfg is None:
         cfg = config_for(checkpoint)

@@ -27,6 +27,8 @@ from bevt.config import (MAX_SHORT_SIDE, MAX_WORKERS, ConfigError, KernelsConfig
 from bevt.data.transforms import normalize
 from bevt.models import inflate as _inflate
 from bevt.train import checkpoint as ckpt
+from bevt.train.job import (add_job_arguments, closing_rows, data_path, ensure_lists, list_items, preflight, run_job,
+                            setup_runtime, summary_title, wrap_model)
 from bevt.train.loop import AMP_DTYPES, StepContext
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,7 +319,6 @@ def diving48() -> FinetuneConfig:
 
 def ensure_data(cfg: FinetuneConfig, dist) -> None:
     """Check the train/val lists exist, or generate the built-in synthetic dataset when asked."""
-    from bevt.train.pretrain import data_path, ensure_lists
 
     d = cfg.data
     needed = {f"data.train_list={d.train_list}": data_path(d.root, d.train_list)}
@@ -336,7 +337,6 @@ def resolve_classes(cfg: FinetuneConfig, lists: list[str]) -> tuple[int, list[st
     the dataset's AnnotationError for a missing or empty list.
     """
     from bevt.data.datasets import read_annotation_list, read_class_names, scan_folder
-    from bevt.train.pretrain import data_path
 
     d = cfg.data
     names = None
@@ -529,7 +529,6 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
     from bevt.train.logger import format_summary
     from bevt.train.loop import LoopConfig, Trainer, steps_for
     from bevt.train.optim import CosineSchedule, build_optimizer
-    from bevt.train.pretrain import data_path, list_items, preflight, setup_runtime, summary_title, wrap_model
 
     device, dist, amp = setup_runtime(cfg.run, cfg.kernels)
     loaders, lock = {}, None
@@ -628,7 +627,6 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
 
 
 def summary_rows(s: dict) -> list[tuple[str, object]]:
-    from bevt.train.pretrain import closing_rows
 
     first, last = s.get("first", {}), s.get("last", {})
     rows = [("run folder", s["run_dir"]), ("recipe / model", f"{s['recipe']} / {s['model']} ({s['num_classes']} classes)"),
@@ -655,12 +653,10 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
 # ----------------------------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    from bevt.train.pretrain import add_job_arguments
 
     add_job_arguments(p, RECIPES, "--set model.init_from=runs/default --set data.root=/data/k400")
 
 
 def run(args) -> int:
-    from bevt.train.pretrain import run_job
 
     return run_job("bevt finetune", RECIPES, finetune, args)
