@@ -293,8 +293,8 @@ def reproduce(scale: str = "cpu", out_dir: str = "runs/reproduce", *, seed: int 
     from bevt.eval.analyze import temporal_analysis
     from bevt.eval.evaluate import plot_report
     from bevt.train.finetune import finetune
-    from bevt.train.pretrain import pretrain, train_tokenizer_on_dataset
     from bevt.train.job import resolve_device
+    from bevt.train.pretrain import pretrain, train_tokenizer_on_dataset
 
     s = settings or reproduce_settings(scale)
     methods = tuple(methods)

@@ -62,8 +62,8 @@ def run(args) -> int:
     from bevt.config import ConfigError
     from bevt.tokenizers import train_vq_tokenizer
     from bevt.train.distributed import DistInfo
-    from bevt.train.pretrain import build_config, ensure_dataset, tokenizer_frames
     from bevt.train.job import resolve_device, unwritable_folder
+    from bevt.train.pretrain import build_config, ensure_dataset, tokenizer_frames
 
     if os.path.isdir(args.out):
         print(f"bevt tokenizer train: --out {args.out} is a folder; give a file name ending in .safetensors",

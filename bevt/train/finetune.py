@@ -319,7 +319,6 @@ def diving48() -> FinetuneConfig:
 
 def ensure_data(cfg: FinetuneConfig, dist) -> None:
     """Check the train/val lists exist, or generate the built-in synthetic dataset when asked."""
-
     d = cfg.data
     needed = {f"data.train_list={d.train_list}": data_path(d.root, d.train_list)}
     if cfg.eval.val_every:
@@ -627,7 +626,6 @@ def finetune(cfg: FinetuneConfig, *, resume: str = "") -> dict:
 
 
 def summary_rows(s: dict) -> list[tuple[str, object]]:
-
     first, last = s.get("first", {}), s.get("last", {})
     rows = [("run folder", s["run_dir"]), ("recipe / model", f"{s['recipe']} / {s['model']} ({s['num_classes']} classes)"),
             ("device", f"{s['device']} x{s['world_size']}, amp {s['amp']}"),
@@ -653,10 +651,8 @@ def summary_rows(s: dict) -> list[tuple[str, object]]:
 # ----------------------------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-
     add_job_arguments(p, RECIPES, "--set model.init_from=runs/default --set data.root=/data/k400")
 
 
 def run(args) -> int:
-
     return run_job("bevt finetune", RECIPES, finetune, args)
